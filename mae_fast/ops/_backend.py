@@ -10,6 +10,10 @@ A backend names who computes the fused ops:
 Precedence: an explicit ``backend=`` (per model or per call), then the innermost
 :func:`use_backend` scope, then the ``MAE_FAST_BACKEND`` environment variable, then ``auto``.
 Asking for a backend that cannot run is an error; only ``auto`` falls back, and it says so once.
+
+A backend covers the ops listed in :data:`COVERAGE`; under it, the other ops run their reference
+(``triton`` is the glue kernels with SDPA attention, ``cuda`` the attention extension with the
+reference glue). ``auto`` combines both.
 """
 from __future__ import annotations
 
@@ -23,6 +27,10 @@ import torch
 
 BACKENDS = ("auto", "torch", "triton", "cuda")
 ENV_VAR = "MAE_FAST_BACKEND"
+COVERAGE = {
+    "triton": frozenset({"gather_patches", "embed_visible_patches", "unshuffle_mask_tokens", "patch_mse_loss"}),
+    "cuda": frozenset({"attention"}),
+}
 
 log = logging.getLogger("mae_fast")
 
@@ -88,9 +96,8 @@ class Op:
         self._warned: set[tuple[str, str]] = set()
 
     def register(self, backend: str, fn: Callable, why_not: Callable[[torch.device], str | None]) -> None:
-        check_backend_name(backend)
-        if backend in ("auto", "torch"):
-            raise ValueError(f"cannot register backend {backend!r} for op {self.name!r}")
+        if self.name not in COVERAGE.get(backend, ()):
+            raise ValueError(f"backend {backend!r} does not cover op {self.name!r} (see COVERAGE)")
         self.impls[backend] = Impl(fn, why_not)
         if backend not in self._fast_order:
             self._fast_order.append(backend)
@@ -100,11 +107,13 @@ class Op:
         name = requested_backend(explicit)
         if name == "auto":
             return self._select_auto(device)
+        if name != "torch" and self.name not in COVERAGE[name]:
+            return "torch", self.impls["torch"].fn
         impl = self.impls.get(name)
         if impl is None:
             raise BackendUnavailableError(
-                f"backend {name!r} has no implementation of op {self.name!r}; "
-                f"available: {sorted(self.impls)}"
+                f"backend {name!r} is not built into this install of mae_fast (op {self.name!r}); "
+                f"use backend='torch' or 'auto'"
             )
         reason = impl.why_not(device)
         if reason is not None:

@@ -1,0 +1,266 @@
+"""The MAE pretraining model: a drop-in for the authors' ``models_mae.py``.
+
+Same constructor, factories, state_dict (keys, shapes, order), forward and numbers as the
+reference; the memory-bound glue and the attention go through :mod:`mae_fast.ops`, which picks
+the reference or a fused kernel by backend. Extras, all off by default:
+
+- ``backend=``: ``None`` (follow :func:`mae_fast.use_backend` / ``MAE_FAST_BACKEND``), ``"auto"``,
+  ``"torch"``, ``"triton"``, ``"cuda"``;
+- ``encoder_mask_tokens=True``: the paper's ablation, the encoder sees all ``L`` tokens with a
+  learned mask token at removed positions; adds the key ``encoder_mask_token``;
+- ``forward(..., noise=)``: a caller-chosen mask (small noise is kept, as in the reference).
+"""
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+import torch.nn as nn
+
+from . import ops
+from .layers import Block, PatchEmbed
+from .ops._backend import check_backend_name
+from .pos_embed import sincos_2d
+
+
+class MaskedAutoencoderViT(nn.Module):
+    """Masked Autoencoder with a VisionTransformer backbone."""
+
+    def __init__(self, img_size=224, patch_size=16, in_chans=3,
+                 embed_dim=1024, depth=24, num_heads=16,
+                 decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16,
+                 mlp_ratio=4., norm_layer=nn.LayerNorm, norm_pix_loss=False,
+                 *, backend: str | None = None, encoder_mask_tokens: bool = False):
+        super().__init__()
+        # Construction order follows the reference, so the same seed draws the same weights.
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        num_patches = self.patch_embed.num_patches
+
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim), requires_grad=False)
+        self.blocks = nn.ModuleList([
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer)
+            for _ in range(depth)])
+        self.norm = norm_layer(embed_dim)
+
+        self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim, bias=True)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
+        self.decoder_pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, decoder_embed_dim),
+                                              requires_grad=False)
+        self.decoder_blocks = nn.ModuleList([
+            Block(decoder_embed_dim, decoder_num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer)
+            for _ in range(decoder_depth)])
+        self.decoder_norm = norm_layer(decoder_embed_dim)
+        self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size ** 2 * in_chans, bias=True)
+
+        self.norm_pix_loss = norm_pix_loss
+        self.in_chans = in_chans
+        self.encoder_mask_tokens = encoder_mask_tokens
+        if encoder_mask_tokens:
+            self.encoder_mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.backend = backend
+        self.initialize_weights()
+
+    # ------------------------------------------------------------------ set-up
+    @property
+    def backend(self) -> str | None:
+        return self._backend
+
+    @backend.setter
+    def backend(self, name: str | None) -> None:
+        if name is not None:
+            check_backend_name(name)
+        self._backend = name
+        for blk in (*self.blocks, *self.decoder_blocks):
+            blk.attn.backend = name
+
+    def initialize_weights(self):
+        grid = self.patch_embed.grid_size
+        self.pos_embed.data.copy_(sincos_2d(self.pos_embed.shape[-1], grid, cls_token=True).float().unsqueeze(0))
+        self.decoder_pos_embed.data.copy_(
+            sincos_2d(self.decoder_pos_embed.shape[-1], grid, cls_token=True).float().unsqueeze(0))
+
+        # Initialise patch_embed like nn.Linear (instead of nn.Conv2d).
+        w = self.patch_embed.proj.weight.data
+        torch.nn.init.xavier_uniform_(w.view([w.shape[0], -1]))
+
+        torch.nn.init.normal_(self.cls_token, std=.02)
+        torch.nn.init.normal_(self.mask_token, std=.02)
+        self.apply(self._init_weights)
+        if self.encoder_mask_tokens:
+            torch.nn.init.normal_(self.encoder_mask_token, std=.02)
+
+    def _init_weights(self, m):
+        if isinstance(m, nn.Linear):
+            torch.nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.constant_(m.bias, 0)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.constant_(m.bias, 0)
+            nn.init.constant_(m.weight, 1.0)
+
+    @property
+    def patch_size(self) -> int:
+        return self.patch_embed.patch_size[0]
+
+    @property
+    def num_patches(self) -> int:
+        return self.patch_embed.num_patches
+
+    # ------------------------------------------------------------------ pixels <-> patches
+    def patchify(self, imgs):
+        """imgs: (N, C, H, W) -> x: (N, L, patch_size**2 * C)"""
+        return ops.patchify(imgs, self.patch_size)
+
+    def unpatchify(self, x):
+        """x: (N, L, patch_size**2 * C) -> imgs: (N, C, H, W)"""
+        return ops.unpatchify(x, self.patch_size, self.in_chans)
+
+    # ------------------------------------------------------------------ masking
+    def masking_ids(self, N: int, L: int, mask_ratio: float, device, noise=None):
+        """``(ids_keep (N, K), ids_restore (N, L), mask (N, L))`` exactly as the reference's
+        ``random_masking`` draws them: ``noise = torch.rand(N, L)`` unless given, ascending argsort,
+        small noise is kept."""
+        len_keep = self._len_keep(L, mask_ratio)
+        if noise is None:
+            noise = torch.rand(N, L, device=device)  # noise in [0, 1]
+        else:
+            _check_noise(noise, N, L, device)
+        ids_shuffle = torch.argsort(noise, dim=1)  # ascend: small is keep, large is remove
+        ids_restore = torch.argsort(ids_shuffle, dim=1)
+        ids_keep = ids_shuffle[:, :len_keep]
+        mask = torch.ones([N, L], device=device)
+        mask[:, :len_keep] = 0
+        mask = torch.gather(mask, dim=1, index=ids_restore)
+        return ids_keep, ids_restore, mask
+
+    def random_masking(self, x, mask_ratio, noise=None):
+        """Per-sample random masking by per-sample shuffling.
+        x: [N, L, D] -> (x_masked [N, K, D], mask [N, L], ids_restore [N, L])"""
+        N, L, D = x.shape
+        ids_keep, ids_restore, mask = self.masking_ids(N, L, mask_ratio, x.device, noise)
+        x_masked = torch.gather(x, dim=1, index=ids_keep.unsqueeze(-1).repeat(1, 1, D))
+        return x_masked, mask, ids_restore
+
+    @staticmethod
+    def _len_keep(L: int, mask_ratio) -> int:
+        if isinstance(mask_ratio, bool) or not isinstance(mask_ratio, (int, float)):
+            raise TypeError(f"mask_ratio must be a float in [0, 1), got {type(mask_ratio).__name__}")
+        if not 0.0 <= mask_ratio < 1.0:
+            raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
+        len_keep = int(L * (1 - mask_ratio))
+        if len_keep < 1:
+            raise ValueError(f"mask_ratio={mask_ratio} keeps no patch of L={L} (int(L * (1 - mask_ratio)) == 0)")
+        if len_keep == L:
+            raise ValueError(
+                f"mask_ratio={mask_ratio} removes no patch of L={L}: the loss would be 0/0 (the reference "
+                f"returns NaN); use a ratio > 0")
+        return len_keep
+
+    # ------------------------------------------------------------------ encoder / decoder / loss
+    def forward_encoder(self, x, mask_ratio, noise=None):
+        """imgs (N, C, H, W) -> (latent (N, 1+K, D), mask (N, L), ids_restore (N, L)); with
+        ``encoder_mask_tokens`` the latent holds all ``1+L`` tokens."""
+        self._check_imgs(x)
+        N, L = x.shape[0], self.num_patches
+        ids_keep, ids_restore, mask = self.masking_ids(N, L, mask_ratio, x.device, noise)
+        if self.encoder_mask_tokens:
+            x = self._embed_all_with_mask_tokens(x, mask)
+        else:
+            w, b = self.patch_embed.proj.weight, self.patch_embed.proj.bias
+            x = ops.embed_visible_patches(x, ids_keep, w, b, self.pos_embed, self.cls_token, backend=self.backend)
+        for blk in self.blocks:
+            x = blk(x)
+        x = self.norm(x)
+        return x, mask, ids_restore
+
+    def _embed_all_with_mask_tokens(self, imgs, mask):
+        """The ablation's encoder input: every patch, removed ones replaced by the learned mask
+        token, all with their position; cls in front."""
+        x = self.patch_embed(imgs)
+        x = torch.where(mask.unsqueeze(-1).bool(), self.encoder_mask_token.to(x.dtype), x)
+        x = x + self.pos_embed[:, 1:, :]
+        cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
+        return torch.cat((cls, x), dim=1)
+
+    def forward_decoder(self, x, ids_restore):
+        """latent (N, 1+K, D) -> pred (N, L, P*P*C)"""
+        x = self.decoder_embed(x)
+        if self.encoder_mask_tokens:
+            x = x + self.decoder_pos_embed  # every token is already there, in patch order
+        else:
+            x = ops.unshuffle_mask_tokens(x, ids_restore, self.mask_token, self.decoder_pos_embed,
+                                          backend=self.backend)
+        for blk in self.decoder_blocks:
+            x = blk(x)
+        x = self.decoder_norm(x)
+        x = self.decoder_pred(x)
+        return x[:, 1:, :]  # remove cls token
+
+    def forward_loss(self, imgs, pred, mask):
+        """imgs (N, C, H, W), pred (N, L, P*P*C), mask (N, L) with 1 = removed -> scalar loss"""
+        return ops.patch_mse_loss(pred, imgs, mask, self.patch_size, self.norm_pix_loss, backend=self.backend)
+
+    def forward(self, imgs, mask_ratio=0.75, noise=None):
+        latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise)
+        pred = self.forward_decoder(latent, ids_restore)  # [N, L, p*p*C]
+        loss = self.forward_loss(imgs, pred, mask)
+        return loss, pred, mask
+
+    # ------------------------------------------------------------------ input checks
+    def _check_imgs(self, imgs) -> None:
+        if not isinstance(imgs, torch.Tensor):
+            raise TypeError(f"imgs must be a torch.Tensor, got {type(imgs).__name__}")
+        if imgs.dim() != 4:
+            raise ValueError(f"imgs must be 4-D (N, C, H, W), got shape {tuple(imgs.shape)}")
+        if not imgs.is_floating_point():
+            raise TypeError(f"imgs must be a floating-point tensor (normalised pixels), got {imgs.dtype}; "
+                            f"convert with imgs.float() and normalise first")
+        N, C, H, W = imgs.shape
+        if C != self.in_chans:
+            raise ValueError(f"imgs must have in_chans={self.in_chans} channels, got {C} (shape {tuple(imgs.shape)})")
+        if (H, W) != self.patch_embed.img_size:
+            p = self.patch_size
+            hint = "" if H % p == 0 and W % p == 0 else f", and {H}x{W} is not divisible by patch_size={p}"
+            raise ValueError(f"imgs must be {self.patch_embed.img_size[0]}x{self.patch_embed.img_size[1]} "
+                             f"(the model's img_size), got {H}x{W}{hint}")
+        if N == 0:
+            raise ValueError("imgs must hold at least one image, got N=0")
+
+
+def _check_noise(noise, N: int, L: int, device) -> None:
+    if not isinstance(noise, torch.Tensor):
+        raise TypeError(f"noise must be a torch.Tensor of shape ({N}, {L}), got {type(noise).__name__}")
+    if tuple(noise.shape) != (N, L):
+        raise ValueError(f"noise must have shape (N, L) = ({N}, {L}), got {tuple(noise.shape)}")
+    if noise.device != torch.device(device):
+        raise ValueError(f"noise must be on the images' device {device}, got {noise.device}")
+    if not noise.is_floating_point():
+        raise TypeError(f"noise must be a floating-point tensor, got {noise.dtype}")
+
+
+def mae_vit_base_patch16_dec512d8b(**kwargs):
+    return MaskedAutoencoderViT(
+        patch_size=16, embed_dim=768, depth=12, num_heads=12,
+        decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16,
+        mlp_ratio=4, norm_layer=partial(nn.LayerNorm, eps=1e-6), **kwargs)
+
+
+def mae_vit_large_patch16_dec512d8b(**kwargs):
+    return MaskedAutoencoderViT(
+        patch_size=16, embed_dim=1024, depth=24, num_heads=16,
+        decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16,
+        mlp_ratio=4, norm_layer=partial(nn.LayerNorm, eps=1e-6), **kwargs)
+
+
+def mae_vit_huge_patch14_dec512d8b(**kwargs):
+    return MaskedAutoencoderViT(
+        patch_size=14, embed_dim=1280, depth=32, num_heads=16,
+        decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16,
+        mlp_ratio=4, norm_layer=partial(nn.LayerNorm, eps=1e-6), **kwargs)
+
+
+# set recommended archs
+mae_vit_base_patch16 = mae_vit_base_patch16_dec512d8b  # decoder: 512 dim, 8 blocks
+mae_vit_large_patch16 = mae_vit_large_patch16_dec512d8b  # decoder: 512 dim, 8 blocks
+mae_vit_huge_patch14 = mae_vit_huge_patch14_dec512d8b  # decoder: 512 dim, 8 blocks
