@@ -18,6 +18,10 @@ from typing import Mapping
 
 import torch
 
+from .hf import from_hf as from_hf_state_dict  # noqa: F401  (public: HF ViTMAE <-> ours)
+from .hf import load_hf_folder  # noqa: F401
+from .hf import to_hf as to_hf_state_dict  # noqa: F401
+
 log = logging.getLogger("mae_fast")
 
 # Globals that the authors' checkpoints pickle and that we replace by inert placeholders.
@@ -56,7 +60,8 @@ class LoadReport:
     skipped: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
-        parts = [f"{name}: {', '.join(keys)}" for name, keys in vars(self).items() if keys]
+        parts = [f"{name} ({len(keys)}): {', '.join(keys[:8])}{', ...' if len(keys) > 8 else ''}"
+                 for name, keys in vars(self).items() if keys]
         return "; ".join(parts) or "all keys matched"
 
 
@@ -88,8 +93,9 @@ def read_state_dict(source: str | os.PathLike | Mapping) -> tuple[dict[str, torc
         if os.fspath(source).endswith(".safetensors"):
             from safetensors.torch import load_file
 
-            return load_file(os.fspath(source)), []
-        source, skipped = read_torch_file(source)
+            source = load_file(os.fspath(source))
+        else:
+            source, skipped = read_torch_file(source)
     if not isinstance(source, Mapping):
         raise TypeError(f"source must be a path, a checkpoint dict or a state dict, got {type(source).__name__}")
     for key in STATE_DICT_KEYS:
@@ -99,6 +105,8 @@ def read_state_dict(source: str | os.PathLike | Mapping) -> tuple[dict[str, torc
                 skipped.append(f"non-model entries {others}")
             source = source[key]
             break
+    if any(k.startswith("vit.") for k in source):
+        return from_hf_state_dict(dict(source)), skipped + ["converted from HuggingFace ViTMAE naming"]
     state = {}
     for k, v in source.items():
         if not isinstance(v, torch.Tensor):
