@@ -1,0 +1,114 @@
+"""``mae-fast``: the command line. Argument parsing and printing only; the work is elsewhere."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+from . import bench, flops
+
+
+def _default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def cmd_bench(args) -> int:
+    device = args.device or _default_device()
+    on_gpu = device.startswith("cuda")
+    cfg = bench.BenchConfig(
+        model=args.model or ("mae_vit_large_patch16" if on_gpu else "mae_vit_tiny_patch16"),
+        batch_size=args.batch_size or (256 if on_gpu else 16),
+        mask_ratio=args.mask_ratio, dtype=args.dtype or ("bf16" if on_gpu else "fp32"), device=device,
+        warmup=args.warmup if args.warmup is not None else (5 if on_gpu else 2),
+        repeats=args.repeats or (20 if on_gpu else 5),
+        variants=tuple(args.variants.split(",")) if args.variants else bench.VARIANTS,
+        compile_on_cpu=args.compile_on_cpu)
+    result = bench.run(cfg, progress=lambda name: print(f"  measuring {name} ...", file=sys.stderr, flush=True))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result.to_dict(), f, indent=2)
+    print(bench.format_table(result))
+    return 0
+
+
+def cmd_flops(args) -> int:
+    report = {}
+    for name in args.models.split(","):
+        if name not in bench.BENCH_MODELS:
+            raise SystemExit(f"--models: unknown model {name!r}; choose from {sorted(bench.BENCH_MODELS)}")
+        with torch.device("meta"):
+            dims = flops.ModelDims.of(bench.BENCH_MODELS[name]())
+        report[name] = {
+            variant: flops.summarize(flops.stage_macs(dims, args.mask_ratio, encoder_mask_tokens=emt)).to_dict()
+            for variant, emt in (("without_mask_tokens", False), ("with_mask_tokens", True))}
+        enc, dec = flops.per_token_macs(dims)
+        report[name]["decoder_per_token_fraction"] = dec / enc
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"forward matmul GFLOPs per image at mask ratio {args.mask_ratio} (1 MAC = 2 FLOPs)")
+    header = f"{'model':<24}{'variant':<22}{'encoder':>10}{'decoder':>10}{'total':>10}{'GMACs':>9}"
+    print(header)
+    for name, r in report.items():
+        for variant in ("without_mask_tokens", "with_mask_tokens"):
+            s = r[variant]
+            print(f"{name:<24}{variant:<22}{s['encoder_gflops']:>10.2f}{s['decoder_gflops']:>10.2f}"
+                  f"{s['total_gflops']:>10.2f}{s['total_gmacs']:>9.2f}")
+        ratio = r["with_mask_tokens"]["total_gflops"] / r["without_mask_tokens"]["total_gflops"]
+        print(f"{'':<24}dropping mask tokens: {ratio:.2f}x fewer FLOPs; decoder/encoder per token: "
+              f"{100 * r['decoder_per_token_fraction']:.1f}%")
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from . import checkpoint
+
+    skipped = checkpoint.convert_to_safetensors(args.src, args.dst)
+    print(f"wrote {args.dst}" + (f"; skipped: {', '.join(skipped)}" if skipped else ""))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mae-fast", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("bench", help="training-step throughput, our backends and peers side by side")
+    p.add_argument("--model", choices=sorted(bench.BENCH_MODELS),
+                   help="default: mae_vit_large_patch16 on a GPU, mae_vit_tiny_patch16 on a CPU")
+    p.add_argument("--batch-size", type=int, help="default: 256 on a GPU, 16 on a CPU")
+    p.add_argument("--mask-ratio", type=float, default=0.75)
+    p.add_argument("--dtype", choices=sorted(bench.DTYPES), help="autocast dtype; default bf16 on a GPU")
+    p.add_argument("--device", help="default: cuda if available, else cpu")
+    p.add_argument("--warmup", type=int)
+    p.add_argument("--repeats", type=int)
+    p.add_argument("--variants", help=f"comma-separated subset of {','.join(bench.VARIANTS)}")
+    p.add_argument("--compile-on-cpu", action="store_true", help="also time torch.compile on a CPU (slow)")
+    p.add_argument("--json", metavar="FILE", help="also write the full result as JSON")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("flops", help="analytic FLOPs: encoder vs decoder, with and without mask tokens")
+    p.add_argument("--models", default="mae_vit_base_patch16,mae_vit_large_patch16,mae_vit_huge_patch14")
+    p.add_argument("--mask-ratio", type=float, default=0.75)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_flops)
+
+    p = sub.add_parser("convert", help="convert a checkpoint (official .pth, state dict) to safetensors")
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.set_defaults(func=cmd_convert)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, TypeError) as err:
+        print(f"mae-fast {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
