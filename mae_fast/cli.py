@@ -62,6 +62,32 @@ def cmd_flops(args) -> int:
     return 0
 
 
+def cmd_profile(args) -> int:
+    from . import profile
+
+    device = torch.device(args.device or _default_device())
+    on_gpu = device.type == "cuda"
+    name = args.model or ("mae_vit_large_patch16" if on_gpu else "mae_vit_tiny_patch16")
+    batch = args.batch_size or (128 if on_gpu else 8)
+    dtype = bench.DTYPES[args.dtype or ("bf16" if on_gpu else "fp32")]
+    if dtype != torch.float32 and not on_gpu:
+        raise ValueError(f"--dtype {args.dtype} (autocast) is for CUDA; use fp32 on {device}")
+    torch.manual_seed(0)
+    model = bench.BENCH_MODELS[name](backend=args.backend, encoder_mask_tokens=args.encoder_mask_tokens).to(device)
+    imgs = torch.randn(batch, model.in_chans, *model.patch_embed.img_size, device=device)
+    rows = profile.profile(model, imgs, args.mask_ratio, warmup=args.warmup, repeats=args.repeats,
+                           dtype=None if dtype == torch.float32 else dtype, trace=args.trace)
+    if args.json:
+        print(json.dumps(profile.rows_to_dicts(rows), indent=2))
+        return 0
+    title = (f"mae-fast profile: {name}, batch {batch}, mask ratio {args.mask_ratio}, backend {args.backend}"
+             f"{', encoder mask tokens' if args.encoder_mask_tokens else ''}, on {device}; median of {args.repeats}")
+    print(profile.format_profile(rows, title))
+    if args.trace:
+        print(f"chrome trace written to {args.trace}")
+    return 0
+
+
 def cmd_convert(args) -> int:
     from . import checkpoint
 
@@ -93,6 +119,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mask-ratio", type=float, default=0.75)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_flops)
+
+    p = sub.add_parser("profile", help="time per stage (forward and backward) beside the FLOPs per stage")
+    p.add_argument("--model", choices=sorted(bench.BENCH_MODELS))
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--mask-ratio", type=float, default=0.75)
+    p.add_argument("--dtype", choices=sorted(bench.DTYPES))
+    p.add_argument("--device")
+    p.add_argument("--backend", default="auto", choices=("auto", "torch", "triton", "cuda"))
+    p.add_argument("--encoder-mask-tokens", action="store_true", help="profile the paper's ablation")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--trace", metavar="FILE", help="also export a torch.profiler chrome trace")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_profile)
 
     p = sub.add_parser("convert", help="convert a checkpoint (official .pth, state dict) to safetensors")
     p.add_argument("src")

@@ -162,21 +162,20 @@ class MaskedAutoencoderViT(nn.Module):
         """imgs (N, C, H, W) -> (latent (N, 1+K, D), mask (N, L), ids_restore (N, L)); with
         ``encoder_mask_tokens`` the latent holds all ``1+L`` tokens."""
         self._check_imgs(x)
-        N, L = x.shape[0], self.num_patches
-        ids_keep, ids_restore, mask = self.masking_ids(N, L, mask_ratio, x.device, noise)
-        if self.encoder_mask_tokens:
-            x = self._embed_all_with_mask_tokens(x, mask)
-        else:
-            w, b = self.patch_embed.proj.weight, self.patch_embed.proj.bias
-            x = ops.embed_visible_patches(x, ids_keep, w, b, self.pos_embed, self.cls_token, backend=self.backend)
+        ids_keep, ids_restore, mask = self.masking_ids(x.shape[0], self.num_patches, mask_ratio, x.device, noise)
+        x = self.embed(x, ids_keep, mask)
         for blk in self.blocks:
             x = blk(x)
         x = self.norm(x)
         return x, mask, ids_restore
 
-    def _embed_all_with_mask_tokens(self, imgs, mask):
-        """The ablation's encoder input: every patch, removed ones replaced by the learned mask
-        token, all with their position; cls in front."""
+    def embed(self, imgs, ids_keep, mask):
+        """The encoder's input: cls + the kept patches' embeddings with their positions (or,
+        with ``encoder_mask_tokens``, every patch, removed ones replaced by the mask token)."""
+        if not self.encoder_mask_tokens:
+            w, b = self.patch_embed.proj.weight, self.patch_embed.proj.bias
+            return ops.embed_visible_patches(imgs, ids_keep, w, b, self.pos_embed, self.cls_token,
+                                             backend=self.backend)
         x = self.patch_embed(imgs)
         x = torch.where(mask.unsqueeze(-1).bool(), self.encoder_mask_token.to(x.dtype), x)
         x = x + self.pos_embed[:, 1:, :]
@@ -185,17 +184,23 @@ class MaskedAutoencoderViT(nn.Module):
 
     def forward_decoder(self, x, ids_restore):
         """latent (N, 1+K, D) -> pred (N, L, P*P*C)"""
-        x = self.decoder_embed(x)
-        if self.encoder_mask_tokens:
-            x = x + self.decoder_pos_embed  # every token is already there, in patch order
-        else:
-            x = ops.unshuffle_mask_tokens(x, ids_restore, self.mask_token, self.decoder_pos_embed,
-                                          backend=self.backend)
+        x = self.decoder_input(x, ids_restore)
         for blk in self.decoder_blocks:
             x = blk(x)
-        x = self.decoder_norm(x)
-        x = self.decoder_pred(x)
-        return x[:, 1:, :]  # remove cls token
+        return self.head(x)
+
+    def decoder_input(self, latent, ids_restore):
+        """decoder_embed, then mask tokens at removed positions, patch order, + decoder_pos_embed."""
+        x = self.decoder_embed(latent)
+        if self.encoder_mask_tokens:
+            return x + self.decoder_pos_embed  # every token is already there, in patch order
+        return ops.unshuffle_mask_tokens(x, ids_restore, self.mask_token, self.decoder_pos_embed,
+                                         backend=self.backend)
+
+    def head(self, x):
+        """decoder_norm, decoder_pred, cls row dropped: (N, 1+L, d) -> (N, L, P*P*C)"""
+        x = self.decoder_pred(self.decoder_norm(x))
+        return x[:, 1:, :]
 
     def forward_loss(self, imgs, pred, mask):
         """imgs (N, C, H, W), pred (N, L, P*P*C), mask (N, L) with 1 = removed -> scalar loss"""

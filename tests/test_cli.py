@@ -57,3 +57,27 @@ def test_bench_config_errors(kwargs, words):
 def test_cli_reports_bad_arguments(capsys):
     assert cli.main(["bench", "--device", "cpu", "--dtype", "bf16"]) == 2
     assert "error" in capsys.readouterr().err
+
+
+def test_profile_stages_cover_the_step():
+    from mae_fast import profile
+    from test_model import tiny_model
+
+    model = tiny_model(backend="torch")
+    rows = profile.profile(model, torch.randn(2, 3, 32, 32), warmup=0, repeats=1)
+    assert [r.stage for r in rows] == list(profile.STAGES)
+    assert abs(sum(r.time_share for r in rows) - 1) < 1e-9
+    assert abs(sum(r.flops_share for r in rows) - 1) < 1e-9
+    by = {r.stage: r for r in rows}
+    for stage in ("patch_embed", "encoder_blocks", "decoder_blocks", "head", "loss"):
+        assert by[stage].forward_ms > 0 and by[stage].backward_ms > 0, stage
+    assert model.cls_token.grad is None  # gradients were cleared after each profiled step
+
+
+def test_profile_cli(capsys, tmp_path):
+    trace = tmp_path / "t.json"
+    assert cli.main(["profile", "--batch-size", "1", "--warmup", "0", "--repeats", "1",
+                     "--backend", "torch", "--trace", str(trace)]) == 0
+    out = capsys.readouterr().out
+    assert "encoder_blocks" in out and "% of FLOPs" in out
+    assert json.loads(trace.read_text())["traceEvents"]
