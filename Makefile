@@ -15,7 +15,7 @@ endif
 .PHONY: bench test
 
 bench: $(SETUP)
-	$(PY) -m mae_fast.cli bench $(ARGS)
+	$(PY) -m mae_fast.cli bench --report benchmarks/results/latest $(ARGS)
 
 test: $(SETUP)
 	$(PY) -m pytest -q -p no:cacheprovider $(ARGS)

@@ -41,6 +41,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 @dataclass
 class BenchConfig:
     model: str = "mae_vit_tiny_patch16"
+    img_size: int = 224
     batch_size: int = 16
     mask_ratio: float = 0.75
     dtype: str = "fp32"  # autocast dtype on a GPU; fp32 = no autocast
@@ -58,6 +59,8 @@ class BenchConfig:
         bad = [v for v in self.variants if v not in VARIANTS]
         if bad:
             raise ValueError(f"variants must be among {VARIANTS}, got {bad}")
+        if self.img_size < 1:
+            raise ValueError(f"img_size must be a positive multiple of the patch size, got {self.img_size}")
         if self.batch_size < 1 or self.warmup < 0 or self.repeats < 1:
             raise ValueError("batch_size and repeats must be >= 1, warmup >= 0")
         if self.dtype != "fp32" and not self.device.startswith("cuda"):
@@ -154,7 +157,7 @@ def build_variant(name: str, base: models_mae.MaskedAutoencoderViT, cfg: BenchCo
     """(model, forward(imgs, noise) -> loss) for a variant, carrying ``base``'s weights; raises
     ``RuntimeError`` with the reason when the variant cannot run here."""
     device = torch.device(cfg.device)
-    factory = BENCH_MODELS[cfg.model]
+    factory = partial(BENCH_MODELS[cfg.model], img_size=cfg.img_size)
     if name in ("torch", "auto", "auto+compile", "encoder_mask_tokens"):
         backend = "torch" if name == "torch" else "auto"
         model = factory(backend=backend, encoder_mask_tokens=name == "encoder_mask_tokens")
@@ -218,7 +221,7 @@ def run_row(name: str, base, cfg: BenchConfig, imgs, noise, train_gflops: float,
 def run(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -> BenchResult:
     device = torch.device(cfg.device)
     torch.manual_seed(0)
-    base = BENCH_MODELS[cfg.model]()
+    base = BENCH_MODELS[cfg.model](img_size=cfg.img_size)
     dims = flops.ModelDims.of(base)
     plain = flops.summarize(flops.stage_macs(dims, cfg.mask_ratio))
     ablation = flops.summarize(flops.stage_macs(dims, cfg.mask_ratio, encoder_mask_tokens=True))
@@ -262,7 +265,7 @@ def format_table(result: BenchResult) -> str:
     cfg, env = result.config, result.env
     where = env.get("gpu") or f"CPU ({env['processor']}, {env['threads']} threads)"
     lines = [
-        f"mae-fast bench: {cfg['model']}, batch {cfg['batch_size']}, mask ratio {cfg['mask_ratio']}, "
+        f"mae-fast bench: {cfg['model']} at {cfg['img_size']} px, batch {cfg['batch_size']}, mask ratio {cfg['mask_ratio']}, "
         f"{cfg['dtype']}, on {where}",
         f"torch {env['torch']}, triton {env['triton']}, commit {env['commit']}; "
         f"matmul rate measured now: {result.matmul_tflops:.2f} TFLOP/s; median of {cfg['repeats']} steps "
@@ -289,3 +292,37 @@ def format_table(result: BenchResult) -> str:
         lines.append(f"measured wall-clock speedup from dropping mask tokens (auto vs encoder_mask_tokens): "
                      f"{result.mask_token_speedup:.2f}x")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- sweeps
+def _progress(items, desc: str):
+    try:
+        from tqdm import tqdm
+
+        return tqdm(items, desc=desc, leave=False)
+    except ImportError:
+        return items
+
+
+def sweep_mask_ratio(cfg: BenchConfig, ratios) -> list[dict]:
+    """Throughput with and without mask tokens in the encoder, per mask ratio, beside the FLOPs
+    ratio: how much of the FLOPs saving turns into wall-clock."""
+    out = []
+    for ratio in _progress(list(ratios), "mask ratios"):
+        sub = BenchConfig(**{**asdict(cfg), "mask_ratio": ratio, "variants": ("auto", "encoder_mask_tokens")})
+        res = run(sub)
+        rows = {r.variant: r for r in res.rows}
+        f0 = res.flops["without_mask_tokens"]["total_gflops"]
+        f1 = res.flops["with_mask_tokens"]["total_gflops"]
+        out.append({"mask_ratio": ratio, "images_per_s": rows["auto"].images_per_s,
+                    "images_per_s_with_mask_tokens": rows["encoder_mask_tokens"].images_per_s,
+                    "speedup": res.mask_token_speedup, "flops_ratio": f1 / f0})
+    return out
+
+
+def sweep_batch_size(cfg: BenchConfig, sizes, variants=("torch", "auto")) -> list[dict]:
+    out = []
+    for size in _progress(list(sizes), "batch sizes"):
+        res = run(BenchConfig(**{**asdict(cfg), "batch_size": size, "variants": variants}))
+        out.append({"batch_size": size, **{r.variant: r.images_per_s for r in res.rows}})
+    return out

@@ -19,7 +19,7 @@ def cmd_bench(args) -> int:
     on_gpu = device.startswith("cuda")
     cfg = bench.BenchConfig(
         model=args.model or ("mae_vit_large_patch16" if on_gpu else "mae_vit_tiny_patch16"),
-        batch_size=args.batch_size or (256 if on_gpu else 16),
+        img_size=args.img_size, batch_size=args.batch_size or (256 if on_gpu else 16),
         mask_ratio=args.mask_ratio, dtype=args.dtype or ("bf16" if on_gpu else "fp32"), device=device,
         warmup=args.warmup if args.warmup is not None else (5 if on_gpu else 2),
         repeats=args.repeats or (20 if on_gpu else 5),
@@ -30,7 +30,27 @@ def cmd_bench(args) -> int:
         with open(args.json, "w") as f:
             json.dump(result.to_dict(), f, indent=2)
     print(bench.format_table(result))
+    if args.report:
+        _write_report(args, cfg, result)
     return 0
+
+
+def _write_report(args, cfg, result) -> None:
+    from . import profile, report
+
+    print(f"\nsweeps and stage profile for the report in {args.report} ...", file=sys.stderr, flush=True)
+    ratios = [float(r) for r in args.mask_ratios.split(",")] if args.mask_ratios else []
+    sizes = [int(b) for b in args.batch_sizes.split(",")] if args.batch_sizes else []
+    mask_sweep = bench.sweep_mask_ratio(cfg, ratios) if ratios else None
+    batch_sweep = bench.sweep_batch_size(cfg, sizes) if sizes else None
+    torch.manual_seed(0)
+    model = bench.BENCH_MODELS[cfg.model](img_size=cfg.img_size, backend="auto").to(cfg.device)
+    imgs = torch.randn(cfg.batch_size, model.in_chans, *model.patch_embed.img_size, device=cfg.device)
+    stages = profile.profile(model, imgs, cfg.mask_ratio, warmup=cfg.warmup, repeats=cfg.repeats,
+                             dtype=None if cfg.dtype == "fp32" else bench.DTYPES[cfg.dtype])
+    print(profile.format_profile(stages, "\nwhere the time goes (backend auto):"))
+    paths = report.write_report(args.report, result, stages=stages, mask_sweep=mask_sweep, batch_sweep=batch_sweep)
+    print("\nwrote " + ", ".join(paths))
 
 
 def cmd_flops(args) -> int:
@@ -73,7 +93,8 @@ def cmd_profile(args) -> int:
     if dtype != torch.float32 and not on_gpu:
         raise ValueError(f"--dtype {args.dtype} (autocast) is for CUDA; use fp32 on {device}")
     torch.manual_seed(0)
-    model = bench.BENCH_MODELS[name](backend=args.backend, encoder_mask_tokens=args.encoder_mask_tokens).to(device)
+    model = bench.BENCH_MODELS[name](img_size=args.img_size, backend=args.backend,
+                                     encoder_mask_tokens=args.encoder_mask_tokens).to(device)
     imgs = torch.randn(batch, model.in_chans, *model.patch_embed.img_size, device=device)
     rows = profile.profile(model, imgs, args.mask_ratio, warmup=args.warmup, repeats=args.repeats,
                            dtype=None if dtype == torch.float32 else dtype, trace=args.trace)
@@ -103,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="training-step throughput, our backends and peers side by side")
     p.add_argument("--model", choices=sorted(bench.BENCH_MODELS),
                    help="default: mae_vit_large_patch16 on a GPU, mae_vit_tiny_patch16 on a CPU")
+    p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--batch-size", type=int, help="default: 256 on a GPU, 16 on a CPU")
     p.add_argument("--mask-ratio", type=float, default=0.75)
     p.add_argument("--dtype", choices=sorted(bench.DTYPES), help="autocast dtype; default bf16 on a GPU")
@@ -112,6 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variants", help=f"comma-separated subset of {','.join(bench.VARIANTS)}")
     p.add_argument("--compile-on-cpu", action="store_true", help="also time torch.compile on a CPU (slow)")
     p.add_argument("--json", metavar="FILE", help="also write the full result as JSON")
+    p.add_argument("--report", metavar="DIR", help="also profile stages, run the sweeps, and write "
+                   "result.json, report.md and PNG plots into DIR")
+    p.add_argument("--mask-ratios", default="0.5,0.75,0.9", help="sweep for --report (empty: none)")
+    p.add_argument("--batch-sizes", default="", help="sweep for --report, e.g. 8,16,32 (default: none)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("flops", help="analytic FLOPs: encoder vs decoder, with and without mask tokens")
@@ -122,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("profile", help="time per stage (forward and backward) beside the FLOPs per stage")
     p.add_argument("--model", choices=sorted(bench.BENCH_MODELS))
+    p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--mask-ratio", type=float, default=0.75)
     p.add_argument("--dtype", choices=sorted(bench.DTYPES))
