@@ -1,0 +1,178 @@
+"""Microbenchmark of the fused glue ops (issue 3): each op forward and forward+backward at MAE
+shapes (ViT-B/16, ViT-L/16, ViT-H/14, batch 256, mask ratio 0.75) in bf16, Triton vs the eager
+torch reference.
+
+    python benchmarks/bench_ops.py [--json OUT.json] [--batch 256] [--models B L H]
+
+Reported per row: median time (``triton.testing.do_bench``, median of many runs, L2 flushed
+between runs), achieved GB/s over the bytes the op MUST move (each tensor counted once: the
+inputs it has to read, the outputs it has to write; ``fwd+bwd`` = what the forward must move plus
+what the backward must move given only the forward's inputs), the card's device-to-device copy
+bandwidth measured in the same run (bytes read + written), the fraction of it, and the speedup
+over the eager reference. Without CUDA it prints "no CUDA: skipped" and exits 0.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+MODELS = {  # name: (patch, img, embed D, decoder d, channels)
+    "B": ("vit_b16", 16, 224, 768, 512, 3),
+    "L": ("vit_l16", 16, 224, 1024, 512, 3),
+    "H": ("vit_h14", 14, 224, 1280, 512, 3),
+}
+
+
+def copy_bandwidth(do_bench) -> float:
+    """Device-to-device copy of 1 GiB, bytes read + written per second."""
+    n = 1 << 29  # bf16 elements: 1 GiB
+    src = torch.empty(n, dtype=torch.bfloat16, device="cuda").normal_()
+    dst = torch.empty_like(src)
+    t = do_bench(lambda: dst.copy_(src))
+    del src, dst
+    return 2 * n * 2 / (t * 1e-3)
+
+
+def bench_model(name, cfg, batch, do_bench, ops, dtype=torch.bfloat16, dev="cuda"):
+    tag, P, img, D, d, C = cfg
+    N = batch
+    h = w = img // P
+    L = h * w
+    K = int(L * (1 - 0.75))
+    CPP = C * P * P
+    e = torch.tensor([], dtype=dtype).element_size()
+    g = torch.Generator(device=dev).manual_seed(0)
+
+    imgs = torch.randn(N, C, img, img, device=dev, dtype=dtype, generator=g)
+    noise = torch.rand(N, L, device=dev, generator=g)
+    ids_shuffle = noise.argsort(1)
+    ids_restore = ids_shuffle.argsort(1)
+    ids_keep = ids_shuffle[:, :K].contiguous()
+    ids_removed = ids_shuffle[:, K:].contiguous()
+    mask = torch.ones(N, L, device=dev)
+    mask.scatter_(1, ids_keep, 0.0)
+
+    weight = (torch.randn(D, C, P, P, device=dev, generator=g) * 0.02).to(dtype).requires_grad_()
+    bias = torch.randn(D, device=dev, generator=g).to(dtype).requires_grad_()
+    pos = torch.randn(1, 1 + L, D, device=dev, generator=g).to(dtype)  # frozen, as in the model
+    cls = torch.randn(1, 1, D, device=dev, generator=g).to(dtype).requires_grad_()
+    x_dec = torch.randn(N, 1 + K, d, device=dev, generator=g).to(dtype).requires_grad_()
+    mask_token = torch.randn(1, 1, d, device=dev, generator=g).to(dtype).requires_grad_()
+    dpos = torch.randn(1, 1 + L, d, device=dev, generator=g).to(dtype)
+    pred = torch.randn(N, L, CPP, device=dev, generator=g).to(dtype).requires_grad_()
+    pred_m = torch.randn(N, L - K, CPP, device=dev, generator=g).to(dtype).requires_grad_()
+
+    rows = []
+
+    def add(op, mode, fn_fast, fn_ref, nbytes, flops=0):
+        t_fast = do_bench(fn_fast)
+        t_ref = do_bench(fn_ref) if fn_ref is not None else float("nan")
+        rows.append({"model": tag, "op": op, "mode": mode, "ms": t_fast, "ms_torch": t_ref,
+                     "bytes": nbytes, "GBps": nbytes / (t_fast * 1e-3) / 1e9, "speedup": t_ref / t_fast,
+                     "flops": flops, "TFLOPs": flops / (t_fast * 1e-3) / 1e12})
+
+    def fwd(f):
+        def run():
+            with torch.no_grad():
+                f()
+        return run
+
+    def fwdbwd(f, wrt):
+        def run():
+            out = f()
+            torch.autograd.grad(out, wrt, torch.ones_like(out) if out.dim() else None)
+        return run
+
+    # ---- embed_visible_patches (model case: pos_embed frozen, imgs without grad)
+    emb = lambda b: (lambda: ops.embed_visible_patches(imgs, ids_keep, weight, bias, pos, cls, backend=b))  # noqa
+    b_fwd = (N * K * CPP + D * CPP + N * (1 + K) * D + (1 + L) * D) * e + N * K * 8
+    b_bwd = (N * (1 + K) * D + N * K * CPP + D * CPP + D) * e + N * K * 8
+    # The embedding holds a GEMM of 2*N*K*CPP*D flops (another for d weight): at ViT shapes it is
+    # compute-bound as much as memory-bound, so its TFLOP/s is reported next to its GB/s.
+    gemm = 2 * N * K * CPP * D
+    add("embed_visible_patches", "fwd", fwd(emb("triton")), fwd(emb("torch")), b_fwd, gemm)
+    add("embed_visible_patches", "fwd+bwd", fwdbwd(emb("triton"), (weight, bias, cls)),
+        fwdbwd(emb("torch"), (weight, bias, cls)), b_fwd + b_bwd, 2 * gemm)
+    gat = lambda b: (lambda: ops.gather_patches(imgs, ids_keep, P, backend=b))  # noqa
+    add("gather_patches", "fwd", fwd(gat("triton")), fwd(gat("torch")), 2 * N * K * CPP * e + N * K * 8)
+
+    # ---- unshuffle_mask_tokens (decoder_pos_embed frozen)
+    uns = lambda b: (lambda: ops.unshuffle_mask_tokens(x_dec, ids_restore, mask_token, dpos, backend=b))  # noqa
+    u_fwd = (N * (1 + K) * d + (1 + L) * d + N * (1 + L) * d) * e + N * L * 8
+    u_bwd = (N * (1 + L) * d + N * (1 + K) * d + d) * e + N * L * 8
+    add("unshuffle_mask_tokens", "fwd", fwd(uns("triton")), fwd(uns("torch")), u_fwd)
+    add("unshuffle_mask_tokens", "fwd+bwd", fwdbwd(uns("triton"), (x_dec, mask_token)),
+        fwdbwd(uns("torch"), (x_dec, mask_token)), u_fwd + u_bwd)
+
+    # ---- patch_mse_loss, norm_pix_loss=True (full pred, and pred of the removed patches only)
+    R = L - K
+    for norm in (True,):
+        mse = lambda b: (lambda: ops.patch_mse_loss(pred, imgs, mask, P, norm, backend=b))  # noqa
+        m_fwd = 2 * N * R * CPP * e + N * L * 4
+        m_bwd = 2 * N * R * CPP * e + N * L * CPP * e + N * L * 4
+        add("patch_mse_loss", "fwd", fwd(mse("triton")), fwd(mse("torch")), m_fwd)
+        add("patch_mse_loss", "fwd+bwd", fwdbwd(mse("triton"), (pred,)), fwdbwd(mse("torch"), (pred,)),
+            m_fwd + m_bwd)
+        msm = lambda b: (lambda: ops.patch_mse_loss(pred_m, imgs, mask, P, norm, pred_ids=ids_removed, backend=b))  # noqa
+        mm_fwd = 2 * N * R * CPP * e + N * R * (4 + 8)
+        mm_bwd = 3 * N * R * CPP * e + N * R * (4 + 8)
+        add("patch_mse_loss[masked_only]", "fwd", fwd(msm("triton")), fwd(msm("torch")), mm_fwd)
+        add("patch_mse_loss[masked_only]", "fwd+bwd", fwdbwd(msm("triton"), (pred_m,)),
+            fwdbwd(msm("torch"), (pred_m,)), mm_fwd + mm_bwd)
+    return rows
+
+
+def print_table(rows) -> None:
+    hdr = (f"{'model':8} {'op':30} {'mode':8} {'ms':>8} {'torch ms':>9} {'GB/s':>7} {'of copy':>8} {'speedup':>8}"
+           f" {'TFLOP/s':>8}")
+    print(hdr)
+    print("-" * len(hdr))
+    for r in rows:
+        print(f"{r['model']:8} {r['op']:30} {r['mode']:8} {r['ms']:8.3f} {r['ms_torch']:9.3f} {r['GBps']:7.0f} "
+              f"{100 * r['copy_fraction']:7.0f}% {r['speedup']:7.2f}x" + (f" {r['TFLOPs']:8.0f}" if r["flops"] else ""))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("no CUDA: skipped")
+        return 0
+    import triton
+    from triton.testing import do_bench as _do_bench
+
+    from mae_fast import ops
+
+    def do_bench(fn):
+        return _do_bench(fn, warmup=25, rep=200, return_mode="median")
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    card = torch.cuda.get_device_name()
+    bw = copy_bandwidth(do_bench)
+    print(f"{card}: device-to-device copy {bw / 1e9:.0f} GB/s (read + write); torch {torch.__version__}, "
+          f"triton {triton.__version__}; batch {args.batch}, bf16")
+    rows = []
+    for m in args.models:
+        rows += bench_model(m, MODELS[m], args.batch, do_bench, ops)
+    for r in rows:
+        r["copy_fraction"] = r["GBps"] * 1e9 / bw
+    print_table(rows)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": card, "torch": torch.__version__, "triton": triton.__version__,
+                       "dtype": "bfloat16", "batch": args.batch, "copy_GBps": bw / 1e9, "rows": rows}, f, indent=1)
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

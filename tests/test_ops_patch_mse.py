@@ -1,0 +1,289 @@
+"""Patch MSE loss: the Triton kernels (NCHW read, per-patch norm, MSE per patch) against the torch
+reference, forward and backward, with full pred and with pred for the removed patches only.
+
+On CPU the kernels run under TRITON_INTERPRET=1 (set by conftest): fp32 and fp16, tiny shapes.
+"""
+import pytest
+import torch
+
+from conftest import assert_close
+from mae_fast import ops
+from mae_fast.ops._triton import why_not_triton
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.skipif(why_not_triton(torch.device(DEV)) is not None,
+                                reason=f"triton unusable: {why_not_triton(torch.device(DEV))}")
+
+# (N, C, P, h, w, K): L=7 on a 1x7 grid, K=1, K=L-1, N=1, P=14, C=1, P*P*C=588 (ViT-H/14)
+CASES = [
+    (2, 3, 4, 2, 3, 2),
+    (1, 1, 14, 1, 7, 1),
+    (2, 2, 2, 1, 7, 6),
+    (1, 3, 14, 1, 2, 1),
+    (1, 3, 20, 2, 1, 1),  # P*P*C = 1200: a 2048-wide block
+]
+
+
+def make_inputs(N, C, P, h, w, K, dtype, device=DEV, masked_only=False, noncontig=False, img_grad=False):
+    L = h * w
+    PPC = P * P * C
+    ids_shuffle = torch.rand(N, L, device=device).argsort(1)
+    mask = torch.ones(N, L, device=device)
+    mask.scatter_(1, ids_shuffle[:, :K], 0.0)
+    M = L - K if masked_only else L
+    if noncontig:
+        imgs = torch.randn(N, C, h * P, w * P, device=device).to(dtype).contiguous(memory_format=torch.channels_last)
+        pred = torch.randn(PPC, M, N, device=device).to(dtype).permute(2, 1, 0)
+        mask = mask.t().contiguous().t()
+        assert not (pred.is_contiguous() or (C > 1 and imgs.is_contiguous()) or (N > 1 and mask.is_contiguous()))
+    else:
+        imgs = torch.randn(N, C, h * P, w * P, device=device).to(dtype)
+        pred = torch.randn(N, M, PPC, device=device).to(dtype)
+    pred.requires_grad_(True)
+    imgs.requires_grad_(img_grad)
+    kw = {"pred_ids": ids_shuffle[:, K:]} if masked_only else {}
+    return pred, imgs, mask, kw
+
+
+def check(pred, imgs, mask, P, norm, kw, dtype):
+    loss = ops.patch_mse_loss(pred, imgs, mask, P, norm, backend="triton", **kw)
+    p32, i32 = (t.detach().float().requires_grad_(t.requires_grad) for t in (pred, imgs))
+    ref = ops.patch_mse_loss(p32, i32, mask, P, norm, backend="torch", **kw)
+    # the reference's dtype for the same inputs (a float32 mask promotes the loss to float32)
+    assert loss.dtype == ops.patch_mse_loss(pred.detach(), imgs.detach(), mask, P, norm, backend="torch", **kw).dtype
+    assert loss.shape == ()
+    assert_close(loss, ref, dtype)
+    wrt = [t for t in (pred, imgs) if t.requires_grad]
+    wrt_ref = [t for t in (p32, i32) if t.requires_grad]
+    for a, e in zip(torch.autograd.grad(loss, wrt), torch.autograd.grad(ref, wrt_ref)):
+        assert a.dtype == dtype
+        assert_close(a, e, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("norm", [False, True])
+@pytest.mark.parametrize("case", CASES)
+def test_patch_mse_matches_reference(seed, case, norm, dtype):
+    N, C, P, h, w, K = case
+    pred, imgs, mask, kw = make_inputs(*case, dtype)
+    check(pred, imgs, mask, P, norm, kw, dtype)
+
+
+@pytest.mark.parametrize("norm", [False, True])
+@pytest.mark.parametrize("case", CASES[:3])
+def test_patch_mse_masked_only(seed, case, norm):
+    """pred for the removed patches only, with their ids: the same loss as the full pred."""
+    N, C, P, h, w, K = case
+    pred, imgs, mask, kw = make_inputs(*case, torch.float32, masked_only=True)
+    check(pred, imgs, mask, P, norm, kw, torch.float32)
+    full = torch.randn(N, h * w, P * P * C, device=DEV)
+    full.scatter_(1, kw["pred_ids"].unsqueeze(-1).expand_as(pred), pred.detach())
+    assert_close(ops.patch_mse_loss(pred, imgs, mask, P, norm, backend="triton", **kw),
+                 ops.patch_mse_loss(full, imgs, mask, P, norm, backend="torch"))
+
+
+@pytest.mark.parametrize("masked_only", [False, True])
+@pytest.mark.parametrize("norm", [False, True])
+def test_patch_mse_imgs_grad(seed, norm, masked_only):
+    pred, imgs, mask, kw = make_inputs(2, 3, 2, 2, 3, 2, torch.float32, masked_only=masked_only, img_grad=True)
+    check(pred, imgs, mask, 2, norm, kw, torch.float32)
+
+
+@pytest.mark.parametrize("masked_only", [False, True])
+def test_patch_mse_noncontiguous(seed, masked_only):
+    pred, imgs, mask, kw = make_inputs(2, 3, 4, 2, 3, 2, torch.float32, masked_only=masked_only, noncontig=True)
+    check(pred, imgs, mask, 4, True, kw, torch.float32)
+
+
+def test_patch_mse_mask_grad(seed):
+    """A mask that requires grad: nothing is skipped, its gradient matches the reference."""
+    pred, imgs, mask, kw = make_inputs(2, 3, 2, 2, 3, 2, torch.float32)
+    mask = mask.requires_grad_()
+    (a,) = torch.autograd.grad(ops.patch_mse_loss(pred, imgs, mask, 2, True, backend="triton"), mask)
+    (b,) = torch.autograd.grad(ops.patch_mse_loss(pred, imgs, mask, 2, True, backend="torch"), mask)
+    assert_close(a, b)
+
+
+def test_patch_mse_deterministic(seed):
+    pred, imgs, mask, kw = make_inputs(3, 3, 4, 2, 3, 2, torch.float32)
+    res = []
+    for _ in range(2):
+        loss = ops.patch_mse_loss(pred, imgs, mask, 4, True, backend="triton")
+        res.append((loss, *torch.autograd.grad(loss, pred)))
+    for a, b in zip(*res):
+        assert torch.equal(a, b)
+
+
+def test_patch_mse_autocast(seed):
+    """Under autocast pred comes out of a Linear in low precision, imgs stay fp32: the loss is fp32."""
+    pred, imgs, mask, kw = make_inputs(2, 3, 4, 2, 3, 2, torch.float32)
+    dt = torch.bfloat16 if DEV == "cpu" else torch.float16
+    pl = pred.detach().to(dt).requires_grad_()
+    with torch.autocast(DEV, dtype=dt):
+        loss = ops.patch_mse_loss(pl, imgs, mask, 4, True, backend="triton")
+        ref = ops.patch_mse_loss(pl, imgs, mask, 4, True, backend="torch")
+    assert loss.dtype == ref.dtype == torch.float32
+    assert_close(loss, ref)
+    loss.backward()
+    assert pl.grad.dtype == dt
+
+
+def test_patch_mse_opcheck(seed):
+    pred, imgs, mask, kw = make_inputs(2, 2, 2, 1, 3, 1, torch.float32, masked_only=True)
+    w = torch.gather(mask, 1, kw["pred_ids"])
+    op = torch.ops.mae_fast.patch_mse_per_patch.default
+    torch.library.opcheck(op, (pred, imgs, w, kw["pred_ids"], 2, True, True))
+    pred2, imgs2, mask2, _ = make_inputs(2, 2, 2, 1, 3, 1, torch.float32, img_grad=True)
+    torch.library.opcheck(op, (pred2, imgs2, mask2, None, 2, False, True))
+    g = torch.rand(2, 2, device=DEV)
+    torch.library.opcheck(torch.ops.mae_fast.patch_mse_per_patch_backward.default,
+                          (g, pred.detach(), imgs, kw["pred_ids"], 2, True))
+
+
+@pytest.mark.parametrize("masked_only", [False, True])
+def test_patch_mse_torch_compile_fullgraph(seed, masked_only):
+    pred, imgs, mask, kw = make_inputs(2, 3, 2, 2, 3, 2, torch.float32, masked_only=masked_only)
+
+    def f(pred, imgs, mask):
+        return ops.patch_mse_loss(pred, imgs, mask, 2, True, backend="triton", **kw)
+
+    loss = torch.compile(f, fullgraph=True, backend="aot_eager")(pred, imgs, mask)
+    (g,) = torch.autograd.grad(loss, pred)
+    loss_r = f(pred, imgs, mask)
+    (g_r,) = torch.autograd.grad(loss_r, pred)
+    assert_close(loss, loss_r)
+    assert_close(g, g_r)
+
+
+def test_patch_mse_bad_inputs(monkeypatch):
+    pred, imgs, mask, _ = make_inputs(2, 3, 4, 2, 3, 2, torch.float32)
+    f = ops.patch_mse_loss
+    with pytest.raises(ValueError, match="pred must have shape"):
+        f(pred[..., 1:], imgs, mask, 4, False, backend="triton")
+    with pytest.raises(ValueError, match="mask must have shape"):
+        f(pred, imgs, mask[:, 1:], 4, False, backend="triton")
+    with pytest.raises(ValueError, match="multiples of patch_size"):
+        f(pred, imgs, mask, 5, False, backend="triton")
+    with pytest.raises(TypeError, match="pred_ids must be int64"):
+        f(pred[:, :2], imgs, mask, 4, False, pred_ids=torch.zeros(2, 2, dtype=torch.int32), backend="triton")
+    with pytest.raises(ValueError, match="pred_ids must have shape"):
+        f(pred, imgs, mask, 4, False, pred_ids=torch.zeros(2, 7, dtype=torch.long), backend="triton")
+    with pytest.raises(TypeError, match="mask must be a float or bool"):
+        f(pred, imgs, mask.long(), 4, False, backend="triton")
+    with pytest.raises(TypeError, match="pred must be float32, float16 or bfloat16 for the triton backend"):
+        f(pred.double(), imgs, mask, 4, False, backend="triton")
+    with pytest.raises(TypeError, match="imgs must be a floating-point tensor"):
+        f(pred, imgs.int(), mask, 4, False, backend="torch")
+    f(pred.double(), imgs.double(), mask.double(), 4, False, backend="torch")  # float64: the reference backend
+    with pytest.raises(ValueError, match="mask must be on"):
+        f(pred, imgs, mask.to("meta"), 4, False, backend="triton")
+    monkeypatch.setenv("MAE_FAST_CHECK_IDS", "1")
+    with pytest.raises(ValueError, match=r"pred_ids must hold ids in \[0, 6\)"):
+        f(pred[:, :2], imgs, mask, 4, False, pred_ids=torch.full((2, 2), 9, dtype=torch.long), backend="triton")
+
+
+# ------------------------------------------------------------------------------------ GPU
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("norm", [False, True])
+@pytest.mark.parametrize("masked_only", [False, True])
+def test_patch_mse_vit_b_gpu(seed, dtype, norm, masked_only):
+    pred, imgs, mask, kw = make_inputs(8, 3, 16, 14, 14, 49, dtype, device="cuda", masked_only=masked_only)
+    check(pred, imgs, mask, 16, norm, kw, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_patch_mse_vit_h_gpu(seed, dtype):
+    pred, imgs, mask, kw = make_inputs(4, 3, 14, 16, 16, 64, dtype, device="cuda")
+    check(pred, imgs, mask, 14, True, kw, dtype)
+
+
+@pytest.mark.gpu
+def test_patch_mse_deterministic_gpu(seed):
+    pred, imgs, mask, kw = make_inputs(64, 3, 16, 14, 14, 49, torch.bfloat16, device="cuda")
+    a = ops.patch_mse_loss(pred, imgs, mask, 16, True, backend="triton")
+    for _ in range(3):
+        assert torch.equal(a, ops.patch_mse_loss(pred, imgs, mask, 16, True, backend="triton"))
+
+
+@pytest.mark.gpu
+def test_patch_mse_inductor_gpu(seed):
+    pred, imgs, mask, kw = make_inputs(4, 3, 16, 4, 4, 4, torch.float32, device="cuda")
+    f = lambda *a: ops.patch_mse_loss(*a, 16, True, backend="triton")  # noqa: E731
+    assert_close(torch.compile(f, fullgraph=True)(pred, imgs, mask), f(pred, imgs, mask))
+
+
+def test_glue_pipeline_inductor_fullgraph(seed):
+    """All three ops chained as in the model (embed -> Linear -> un-shuffle -> Linear -> loss),
+    compiled with the default inductor backend and fullgraph=True: no graph break, same loss and
+    gradients as eager. The custom ops stay opaque calls (the kernels run in the interpreter on CPU)."""
+    N, C, P, h, w, K, D, d = 2, 3, 2, 2, 3, 2, 8, 4
+    L, PPC = h * w, P * P * C
+    imgs = torch.randn(N, C, h * P, w * P, device=DEV)
+    ids_shuffle = torch.rand(N, L, device=DEV).argsort(1)
+    ids_restore = ids_shuffle.argsort(1)
+    ids_keep = ids_shuffle[:, :K]
+    mask = torch.ones(N, L, device=DEV)
+    mask.scatter_(1, ids_keep, 0.0)
+    params = [torch.randn(D, C, P, P, device=DEV) / 4, torch.randn(D, device=DEV), torch.randn(1, 1, D, device=DEV),
+              torch.randn(d, D, device=DEV) / 3, torch.randn(1, 1, d, device=DEV), torch.randn(PPC, d, device=DEV) / 2]
+    for p in params:
+        p.requires_grad_(True)
+    pos = torch.randn(1, 1 + L, D, device=DEV)
+    dpos = torch.randn(1, 1 + L, d, device=DEV)
+
+    def f(imgs, weight, bias, cls, w1, mt, w2):
+        x = ops.embed_visible_patches(imgs, ids_keep, weight, bias, pos, cls, backend="triton")
+        x = ops.unshuffle_mask_tokens(x @ w1.t(), ids_restore, mt, dpos, backend="triton")
+        pred = (x @ w2.t())[:, 1:]
+        return ops.patch_mse_loss(pred, imgs, mask, P, True, backend="triton")
+
+    loss = torch.compile(f, fullgraph=True)(imgs, *params)
+    grads = torch.autograd.grad(loss, params)
+    loss_r = f(imgs, *params)
+    assert_close(loss, loss_r)
+    for a, b in zip(grads, torch.autograd.grad(loss_r, params)):
+        assert_close(a, b)
+
+
+COMPILE_SCRIPT = """
+import warnings; warnings.simplefilter("ignore")
+from mae_fast.ops._triton import compile_for_cuda as c
+from mae_fast.ops import {mod} as m
+{body}
+print("compiled", n)
+"""
+
+
+def run_compile_check(mod, body):
+    """Compile the kernels for sm_90 in a fresh process without the interpreter (no GPU needed)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    r = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT.format(mod=mod, body=body)], env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    return r.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests run the compiled kernels")
+def test_kernels_compile_for_sm90():
+    """Every kernel variant compiles to an sm_90 cubin (no GPU needed): the compiled path accepts
+    what the interpreter accepted."""
+    assert "compiled 16" in run_compile_check("patch_mse", BODY)
+
+
+BODY = """
+n = 0
+for dt in ("fp32", "bf16"):
+    for norm in (False, True):
+        for ids in (False, True):
+            c(m._patch_mse_fwd_kernel, {"pred_ptr": "*" + dt, "img_ptr": "*fp32", "w_ptr": "*fp32", "ids_ptr": "*i64", "loss_ptr": "*fp32"}, {"P": 14, "C": 3, "BLOCK": 1024, "NORM": norm, "EPS": 1e-6, "HAS_IDS": ids, "SKIP_ZERO": True}); n += 1
+            c(m._patch_mse_bwd_kernel, {"pred_ptr": "*" + dt, "img_ptr": "*" + dt, "g_ptr": "*fp32", "ids_ptr": "*i64", "dpred_ptr": "*" + dt}, {"P": 16, "C": 3, "BLOCK": 1024, "NORM": norm, "EPS": 1e-6, "HAS_IDS": ids}); n += 1
+"""
