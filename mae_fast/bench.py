@@ -24,16 +24,7 @@ import torch.nn as nn
 
 from . import flops, hf, models_mae
 
-BENCH_MODELS = {
-    # A ViT-Tiny-sized MAE for CPUs and smoke runs (not one of the authors' configs).
-    "mae_vit_tiny_patch16": partial(
-        models_mae.MaskedAutoencoderViT, patch_size=16, embed_dim=192, depth=12, num_heads=3,
-        decoder_embed_dim=128, decoder_depth=4, decoder_num_heads=4, mlp_ratio=4,
-        norm_layer=partial(nn.LayerNorm, eps=1e-6)),
-    "mae_vit_base_patch16": models_mae.mae_vit_base_patch16,
-    "mae_vit_large_patch16": models_mae.mae_vit_large_patch16,
-    "mae_vit_huge_patch14": models_mae.mae_vit_huge_patch14,
-}
+BENCH_MODELS = models_mae.MODELS
 VARIANTS = ("torch", "auto", "auto+compile", "encoder_mask_tokens", "hf_eager", "hf_sdpa")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

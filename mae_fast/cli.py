@@ -161,6 +161,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_profile)
 
+    from . import pretrain, reconstruct
+
+    p = sub.add_parser("pretrain", help="MAE pretraining, the authors' recipe (torchrun: DDP / --fsdp); --demo")
+    pretrain.add_arguments(p)
+    p.set_defaults(func=pretrain.main)
+
+    p = sub.add_parser("reconstruct", help="PNG grids: original | masked | reconstruction | + visible")
+    reconstruct.add_arguments(p)
+    p.set_defaults(func=reconstruct.main)
+
     p = sub.add_parser("convert", help="convert a checkpoint (official .pth, state dict) to safetensors")
     p.add_argument("src")
     p.add_argument("dst")

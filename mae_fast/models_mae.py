@@ -269,3 +269,28 @@ def mae_vit_huge_patch14_dec512d8b(**kwargs):
 mae_vit_base_patch16 = mae_vit_base_patch16_dec512d8b  # decoder: 512 dim, 8 blocks
 mae_vit_large_patch16 = mae_vit_large_patch16_dec512d8b  # decoder: 512 dim, 8 blocks
 mae_vit_huge_patch14 = mae_vit_huge_patch14_dec512d8b  # decoder: 512 dim, 8 blocks
+
+
+# Small configurations of ours (not the authors'), for CPUs, tests and the demo.
+def mae_vit_tiny_patch16(**kwargs):
+    """ViT-Tiny sized encoder (192 x 12, 3 heads) with a 128 x 4 decoder."""
+    return MaskedAutoencoderViT(
+        patch_size=16, embed_dim=192, depth=12, num_heads=3,
+        decoder_embed_dim=128, decoder_depth=4, decoder_num_heads=4,
+        mlp_ratio=4, norm_layer=partial(nn.LayerNorm, eps=1e-6), **kwargs)
+
+
+def mae_vit_demo_patch8(**kwargs):
+    """A ~1M-parameter MAE for 64 px images (8 px patches): the CPU demo."""
+    kwargs.setdefault("img_size", 64)
+    return MaskedAutoencoderViT(
+        patch_size=8, embed_dim=128, depth=4, num_heads=4,
+        decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=4,
+        mlp_ratio=4, norm_layer=partial(nn.LayerNorm, eps=1e-6), **kwargs)
+
+
+MODELS = {f.__name__: f for f in (
+    mae_vit_base_patch16_dec512d8b, mae_vit_large_patch16_dec512d8b, mae_vit_huge_patch14_dec512d8b,
+    mae_vit_tiny_patch16, mae_vit_demo_patch8)}
+MODELS.update(mae_vit_base_patch16=mae_vit_base_patch16, mae_vit_large_patch16=mae_vit_large_patch16,
+              mae_vit_huge_patch14=mae_vit_huge_patch14)

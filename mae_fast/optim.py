@@ -1,0 +1,66 @@
+"""The authors' optimisation recipe: AdamW parameter groups and the per-iteration learning rate.
+
+- ``lr = blr * effective_batch / 256`` (:func:`absolute_lr`), effective batch = per-process batch x
+  accumulation steps x processes;
+- weight decay on matrices only: every 1-D parameter (norm weights, biases) and the cls / mask
+  tokens get none; frozen parameters (the sin-cos ``pos_embed`` tables) are left out;
+- half-cycle cosine after a linear warm-up, evaluated at a fractional epoch
+  (``step / steps_per_epoch + epoch``), exactly as the authors' ``util/lr_sched.adjust_learning_rate``.
+
+Note: the authors' code builds its groups with timm's ``add_weight_decay``, which skips only 1-D
+parameters and ``.bias``; the cls and mask tokens (3-D) are decayed there. ``decay_tokens=True``
+reproduces that (and makes the optimizer state's group sizes identical to theirs).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+TOKEN_NAMES = ("cls_token", "mask_token", "encoder_mask_token")
+
+
+def absolute_lr(blr: float, effective_batch: int) -> float:
+    return blr * effective_batch / 256
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float, *, decay_tokens: bool = False) -> list[dict]:
+    """AdamW groups ``[{no decay}, {decay}]``, in the order of timm's ``add_weight_decay`` (the
+    names: :func:`param_group_names`)."""
+    groups = param_group_names(model, decay_tokens=decay_tokens)
+    params = dict(model.named_parameters())
+    return [{"params": [params[n] for n in groups[0]], "weight_decay": 0.0},
+            {"params": [params[n] for n in groups[1]], "weight_decay": weight_decay}]
+
+
+def param_group_names(model: torch.nn.Module, *, decay_tokens: bool = False) -> tuple[list[str], list[str]]:
+    """``(no_decay_names, decay_names)``, trainable parameters only, in ``named_parameters`` order."""
+    no_decay, decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue  # frozen: pos_embed, decoder_pos_embed
+        bare = name.removeprefix("module.").split(".")[-1]
+        if p.ndim <= 1 or name.endswith(".bias") or (not decay_tokens and bare in TOKEN_NAMES):
+            no_decay.append(name)
+        else:
+            decay.append(name)
+    return no_decay, decay
+
+
+def lr_at(epoch: float, *, lr: float, min_lr: float, warmup_epochs: float, epochs: int) -> float:
+    """The authors' schedule at a (fractional) epoch: linear warm-up, then half-cycle cosine."""
+    if epoch < warmup_epochs:
+        return lr * epoch / warmup_epochs
+    if epochs <= warmup_epochs:
+        return lr
+    progress = (epoch - warmup_epochs) / (epochs - warmup_epochs)
+    return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def adjust_learning_rate(optimizer: torch.optim.Optimizer, epoch: float, *, lr: float, min_lr: float,
+                         warmup_epochs: float, epochs: int) -> float:
+    """Set every group's lr (times its ``lr_scale`` if any) for this fractional epoch; returns it."""
+    value = lr_at(epoch, lr=lr, min_lr=min_lr, warmup_epochs=warmup_epochs, epochs=epochs)
+    for group in optimizer.param_groups:
+        group["lr"] = value * group.get("lr_scale", 1.0)
+    return value
