@@ -8,7 +8,9 @@ the reference or a fused kernel by backend. Extras, all off by default:
   ``"torch"``, ``"triton"``, ``"cuda"``;
 - ``encoder_mask_tokens=True``: the paper's ablation, the encoder sees all ``L`` tokens with a
   learned mask token at removed positions; adds the key ``encoder_mask_token``;
-- ``forward(..., noise=)``: a caller-chosen mask (small noise is kept, as in the reference).
+- ``forward(..., noise=)``: a caller-chosen mask (small noise is kept, as in the reference);
+- ``pred_masked_only=True``: ``decoder_pred`` runs on the removed patches only (the loss needs no
+  other), and ``forward`` returns ``pred (N, L-K, P*P*C)`` for them, in ``argsort(noise)`` order.
 """
 from __future__ import annotations
 
@@ -30,7 +32,8 @@ class MaskedAutoencoderViT(nn.Module):
                  embed_dim=1024, depth=24, num_heads=16,
                  decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16,
                  mlp_ratio=4., norm_layer=nn.LayerNorm, norm_pix_loss=False,
-                 *, backend: str | None = None, encoder_mask_tokens: bool = False):
+                 *, backend: str | None = None, encoder_mask_tokens: bool = False,
+                 pred_masked_only: bool = False):
         super().__init__()
         # Construction order follows the reference, so the same seed draws the same weights.
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
@@ -56,6 +59,7 @@ class MaskedAutoencoderViT(nn.Module):
         self.norm_pix_loss = norm_pix_loss
         self.in_chans = in_chans
         self.encoder_mask_tokens = encoder_mask_tokens
+        self.pred_masked_only = pred_masked_only
         if encoder_mask_tokens:
             self.encoder_mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.backend = backend
@@ -182,12 +186,12 @@ class MaskedAutoencoderViT(nn.Module):
         cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
         return torch.cat((cls, x), dim=1)
 
-    def forward_decoder(self, x, ids_restore):
-        """latent (N, 1+K, D) -> pred (N, L, P*P*C)"""
+    def forward_decoder(self, x, ids_restore, pred_ids=None):
+        """latent (N, 1+K, D) -> pred (N, L, P*P*C), or (N, M, P*P*C) for the patches ``pred_ids (N, M)``"""
         x = self.decoder_input(x, ids_restore)
         for blk in self.decoder_blocks:
             x = blk(x)
-        return self.head(x)
+        return self.head(x, pred_ids)
 
     def decoder_input(self, latent, ids_restore):
         """decoder_embed, then mask tokens at removed positions, patch order, + decoder_pos_embed."""
@@ -197,10 +201,13 @@ class MaskedAutoencoderViT(nn.Module):
         return ops.unshuffle_mask_tokens(x, ids_restore, self.mask_token, self.decoder_pos_embed,
                                          backend=self.backend)
 
-    def head(self, x):
-        """decoder_norm, decoder_pred, cls row dropped: (N, 1+L, d) -> (N, L, P*P*C)"""
-        x = self.decoder_pred(self.decoder_norm(x))
-        return x[:, 1:, :]
+    def head(self, x, pred_ids=None):
+        """decoder_norm, decoder_pred, cls row dropped: (N, 1+L, d) -> (N, L, P*P*C); only the
+        patches ``pred_ids (N, M)`` when given (norm and Linear act per row, so rows can go first)."""
+        if pred_ids is None:
+            return self.decoder_pred(self.decoder_norm(x))[:, 1:, :]
+        x = torch.gather(x[:, 1:, :], 1, pred_ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        return self.decoder_pred(self.decoder_norm(x))
 
     def forward_loss(self, imgs, pred, mask):
         """imgs (N, C, H, W), pred (N, L, P*P*C), mask (N, L) with 1 = removed -> scalar loss"""
@@ -208,6 +215,12 @@ class MaskedAutoencoderViT(nn.Module):
 
     def forward(self, imgs, mask_ratio=0.75, noise=None):
         latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise)
+        if self.pred_masked_only:
+            ids_removed = torch.argsort(ids_restore, dim=1)[:, self._len_keep(self.num_patches, mask_ratio):]
+            pred = self.forward_decoder(latent, ids_restore, ids_removed)  # [N, L-K, p*p*C]
+            loss = ops.patch_mse_loss(pred, imgs, mask, self.patch_size, self.norm_pix_loss, pred_ids=ids_removed,
+                                      backend=self.backend)
+            return loss, pred, mask
         pred = self.forward_decoder(latent, ids_restore)  # [N, L, p*p*C]
         loss = self.forward_loss(imgs, pred, mask)
         return loss, pred, mask

@@ -281,3 +281,23 @@ def test_unavailable_backend_is_a_clear_error():
                                            torch.zeros(1, 3, dtype=torch.long, device="meta"),
                                            torch.randn(1, 1, 4, device="meta"),
                                            torch.randn(1, 4, 4, device="meta"), backend="triton")
+
+
+@pytest.mark.parametrize("norm_pix_loss", [False, True])
+def test_pred_masked_only_gives_the_same_loss_and_grads(seed, norm_pix_loss):
+    full = tiny_model(norm_pix_loss=norm_pix_loss, backend="torch")
+    part = tiny_model(norm_pix_loss=norm_pix_loss, backend="torch", pred_masked_only=True)
+    part.load_state_dict(full.state_dict())
+    assert list(part.state_dict()) == list(full.state_dict())  # no new keys
+    imgs, noise = torch.randn(3, 3, 32, 32), torch.rand(3, 16)
+    loss, pred, mask = full(imgs, noise=noise)
+    loss_p, pred_p, mask_p = part(imgs, noise=noise)
+    removed = noise.argsort(1)[:, 4:]  # the removed patches, in argsort(noise) order
+    assert pred_p.shape == (3, 12, 192) and torch.equal(mask_p, mask)
+    torch.testing.assert_close(pred_p, torch.gather(pred, 1, removed[..., None].expand(-1, -1, 192)))
+    torch.testing.assert_close(loss_p, loss)
+    loss.backward()
+    loss_p.backward()
+    for (name, a), b in zip(full.named_parameters(), part.parameters()):
+        if a.requires_grad:
+            torch.testing.assert_close(b.grad, a.grad, msg=name)

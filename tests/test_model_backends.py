@@ -1,0 +1,77 @@
+"""The model on the fast backends computes what it computes on the torch reference."""
+import pytest
+import torch
+
+from mae_fast import models_mae, ops
+from test_model import tiny_model
+
+pytestmark = pytest.mark.skipif(ops.why_not_triton(torch.device("cpu")) is not None and not torch.cuda.is_available(),
+                                reason="triton cannot run here")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def run(model, imgs, noise):
+    loss, pred, mask = model(imgs, noise=noise)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return loss.detach(), pred.detach(), mask, grads
+
+
+def assert_same_step(a, b, rtol, atol):
+    for x, y, what in zip(a[:3], b[:3], ("loss", "pred", "mask")):
+        torch.testing.assert_close(x.float(), y.float(), rtol=rtol, atol=atol, msg=what)
+    assert set(a[3]) == set(b[3])
+    for name in a[3]:
+        torch.testing.assert_close(a[3][name].float(), b[3][name].float(), rtol=rtol, atol=atol, msg=name)
+
+
+@pytest.mark.parametrize("kw", [{}, {"norm_pix_loss": True}, {"pred_masked_only": True, "norm_pix_loss": True}])
+def test_triton_backend_equals_torch_on_a_tiny_model(seed, kw):
+    model = tiny_model(backend="torch", **kw).to(DEVICE)
+    imgs, noise = torch.randn(2, 3, 32, 32, device=DEVICE), torch.rand(2, 16, device=DEVICE)
+    ref = run(model, imgs, noise)
+    model.backend = "triton"
+    assert_same_step(run(model, imgs, noise), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture
+def no_tf32():
+    """The fp32 reference must be fp32: TF32 convs/matmuls would differ from our kernels by ~1e-3."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "auto"])
+def test_vit_base_fp32_equals_torch(seed, no_tf32, backend):
+    """fp32: auto runs the Triton glue and (the CUDA kernels taking half types only) SDPA attention."""
+    model = models_mae.mae_vit_base_patch16(backend="torch").cuda()
+    imgs, noise = torch.randn(4, 3, 224, 224, device="cuda"), torch.rand(4, 196, device="cuda")
+    ref = run(model, imgs, noise)
+    model.backend = backend
+    assert_same_step(run(model, imgs, noise), ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda", "auto"])
+def test_vit_base_bf16_autocast_close_to_torch(seed, backend):
+    """bf16 autocast: the fast backends stay as close to the fp32 reference as the torch backend
+    under the same autocast does (2x its error, plus a floor, as flash-attention's tests judge)."""
+    model = models_mae.mae_vit_base_patch16(backend="torch").cuda()
+    imgs, noise = torch.randn(4, 3, 224, 224, device="cuda"), torch.rand(4, 196, device="cuda")
+    exact = run(model, imgs, noise)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        ref = run(model, imgs, noise)
+        model.backend = backend
+        fast = run(model, imgs, noise)
+    for i, what in ((0, "loss"), (1, "pred")):
+        err_ref = (ref[i].float() - exact[i]).abs().max().item()
+        err_fast = (fast[i].float() - exact[i]).abs().max().item()
+        assert err_fast <= 2 * err_ref + 1e-3, (what, err_fast, err_ref)
+    for name in exact[3]:
+        err_ref = (ref[3][name].float() - exact[3][name]).norm().item()
+        err_fast = (fast[3][name].float() - exact[3][name]).norm().item()
+        assert err_fast <= 2 * err_ref + 1e-3 * exact[3][name].norm().item() + 1e-6, (name, err_fast, err_ref)
