@@ -1,0 +1,64 @@
+// Parameters and launchers of the fused packed-QKV attention kernels.
+//
+// This header is shared by the CUDA kernels (.cu) and the torch binding (.cpp); it includes no
+// torch header, so the .cu files compile with a bare CUDA toolkit.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_runtime_api.h>
+
+namespace mae_fast {
+
+enum class AttnDtype : int { kFloat16 = 0, kBFloat16 = 1 };
+
+// All strides are in elements (not bytes) and 64-bit. Every innermost (head-dim) stride is 1.
+struct AttentionParams {
+  // qkv: (B, N, 3, H, D), the qkv Linear's output viewed without permute or copy.
+  const void* qkv;
+  int64_t qkv_stride_b, qkv_stride_n, qkv_stride_3, qkv_stride_h;
+  // out: (B, N, H*D); head h occupies columns [h*D, (h+1)*D).
+  void* out;
+  int64_t out_stride_b, out_stride_n;
+  // lse: (B, H, N) contiguous fp32, natural-log logsumexp of the scaled scores of each query.
+  float* lse;
+
+  // Backward only.
+  // dout: (B, N, H*D), same layout rules as out.
+  const void* dout;
+  int64_t dout_stride_b, dout_stride_n;
+  // dqkv: (B, N, 3, H, D), every element is written (no zero-fill needed).
+  void* dqkv;
+  int64_t dqkv_stride_b, dqkv_stride_n, dqkv_stride_3, dqkv_stride_h;
+  // delta: (B, H, N) contiguous fp32 workspace, rowsum(dout * out).
+  float* delta;
+
+  int B, N, H, D;
+  float scale;  // softmax scale, D**-0.5 for the op
+  AttnDtype dtype;
+};
+
+// Head dims with compiled kernels.
+inline bool attention_cuda_supports_head_dim(int d) { return d == 32 || d == 64 || d == 80 || d == 128; }
+
+// Entry points: dispatch on dtype and head dim, launch on `stream`, return the launch error.
+// The pointers must be 16-byte aligned and the qkv/out/dout/dqkv row strides multiples of 8
+// elements (the kernels move 16-byte vectors); the binding checks or copies.
+// Backward: for N <= 64 and D <= 64 one kernel per head does everything; otherwise a delta
+// kernel, a dK/dV kernel (per 64 keys) and a dQ kernel (per 64 queries) run in turn.
+cudaError_t attention_fwd_cuda(const AttentionParams& p, cudaStream_t stream);
+cudaError_t attention_bwd_cuda(const AttentionParams& p, cudaStream_t stream);
+
+// Per head dim (one .cu file each, so they compile in parallel).
+cudaError_t attention_fwd_hdim32(const AttentionParams& p, cudaStream_t stream);
+cudaError_t attention_fwd_hdim64(const AttentionParams& p, cudaStream_t stream);
+cudaError_t attention_fwd_hdim80(const AttentionParams& p, cudaStream_t stream);
+cudaError_t attention_fwd_hdim128(const AttentionParams& p, cudaStream_t stream);
+cudaError_t attention_bwd_hdim32(const AttentionParams& p, cudaStream_t stream);
+cudaError_t attention_bwd_hdim64(const AttentionParams& p, cudaStream_t stream);
+cudaError_t attention_bwd_hdim80(const AttentionParams& p, cudaStream_t stream);
+cudaError_t attention_bwd_hdim128(const AttentionParams& p, cudaStream_t stream);
+// Backward preprocessing, delta = rowsum(dout * out); called by attention_bwd_hdim*.
+cudaError_t attention_bwd_delta(const AttentionParams& p, cudaStream_t stream);
+
+}  // namespace mae_fast

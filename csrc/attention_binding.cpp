@@ -1,0 +1,150 @@
+// Torch binding of the fused packed-QKV attention: registers
+//   mae_fast::attention_fwd(Tensor qkv) -> (Tensor out, Tensor lse)
+//   mae_fast::attention_bwd(Tensor dout, Tensor qkv, Tensor out, Tensor lse) -> Tensor dqkv
+// with the C++ CPU twin (attention_cpu.cpp) and, when built with WITH_CUDA, the CUDA kernels
+// (attention/*.cu, reached through the params struct and launchers of attention_params.h).
+#include <Python.h>
+
+#include <cmath>
+#include <cstdint>
+
+#include <torch/library.h>
+
+#include "attention_cpu.h"
+
+#ifdef WITH_CUDA
+// c10's stream and guard headers need only the CUDA runtime headers (ATen/cuda/CUDAContext.h
+// would also pull in cuBLAS/cuSPARSE headers, which a bare toolkit may lack).
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "attention/attention_params.h"
+#endif
+
+namespace mae_fast {
+
+#ifdef WITH_CUDA
+namespace {
+
+// The kernels move 16-byte vectors: every row they load must start 16-byte aligned.
+bool rows_16b_aligned(const at::Tensor& t, int64_t last_dim_to_check) {
+  if (reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 != 0) return false;
+  for (int64_t i = 0; i <= last_dim_to_check; ++i)
+    if (t.size(i) > 1 && t.stride(i) % 8 != 0) return false;
+  return true;
+}
+
+AttnDtype attn_dtype(const at::Tensor& t) {
+  return t.scalar_type() == at::kBFloat16 ? AttnDtype::kBFloat16 : AttnDtype::kFloat16;
+}
+
+void check_grid(const QkvDims& d, const char* op) {
+  const int64_t ctas = d.B * d.H * ((d.N + 63) / 64);
+  TORCH_CHECK_VALUE(ctas < (int64_t{1} << 31) && d.N < (int64_t{1} << 31), op,
+                    ": B * H * ceil(N / 64) must be < 2**31, got B=", d.B, " N=", d.N, " H=", d.H);
+}
+
+void check_launch(cudaError_t err, const char* op) {
+  TORCH_CHECK(err == cudaSuccess, op, ": CUDA kernel launch failed: ", cudaGetErrorString(err));
+}
+
+AttentionParams make_params(const at::Tensor& qkv, const QkvDims& d) {
+  AttentionParams p{};
+  p.qkv = qkv.data_ptr();
+  p.qkv_stride_b = qkv.stride(0);
+  p.qkv_stride_n = qkv.stride(1);
+  p.qkv_stride_3 = qkv.stride(2);
+  p.qkv_stride_h = qkv.stride(3);
+  p.B = static_cast<int>(d.B);
+  p.N = static_cast<int>(d.N);
+  p.H = static_cast<int>(d.H);
+  p.D = static_cast<int>(d.D);
+  p.scale = 1.f / std::sqrt(static_cast<float>(d.D));
+  p.dtype = attn_dtype(qkv);
+  return p;
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda_impl(const at::Tensor& qkv_in) {
+  const QkvDims d = check_qkv(qkv_in, "attention_fwd");
+  check_grid(d, "attention_fwd");
+  c10::cuda::CUDAGuard guard(qkv_in.device());
+  // A view of the qkv Linear's output is always aligned; only an odd slice is not, and for it
+  // a copy is cheaper than a second, scalar-load kernel variant.
+  const at::Tensor qkv = rows_16b_aligned(qkv_in, 3) ? qkv_in : qkv_in.contiguous();
+  at::Tensor out = at::empty({d.B, d.N, d.H * d.D}, qkv.options());
+  at::Tensor lse = at::empty({d.B, d.H, d.N}, qkv.options().dtype(at::kFloat));
+  if (out.numel() == 0) return {out, lse};
+  AttentionParams p = make_params(qkv, d);
+  p.out = out.data_ptr();
+  p.out_stride_b = out.stride(0);
+  p.out_stride_n = out.stride(1);
+  p.lse = lse.data_ptr<float>();
+  check_launch(attention_fwd_cuda(p, c10::cuda::getCurrentCUDAStream().stream()), "attention_fwd");
+  return {out, lse};
+}
+
+at::Tensor attention_bwd_cuda_impl(const at::Tensor& dout_in, const at::Tensor& qkv_in, const at::Tensor& out_in,
+                                   const at::Tensor& lse_in) {
+  const QkvDims d = check_qkv(qkv_in, "attention_bwd");
+  check_bwd_args(dout_in, qkv_in, out_in, lse_in, d);
+  check_grid(d, "attention_bwd");
+  c10::cuda::CUDAGuard guard(qkv_in.device());
+  const at::Tensor qkv = rows_16b_aligned(qkv_in, 3) ? qkv_in : qkv_in.contiguous();
+  // Autograd may pass an expanded or strided dout (e.g. from out.sum().backward()); the
+  // kernels need 16-byte aligned rows of D contiguous elements, so copy only otherwise.
+  const at::Tensor dout = (dout_in.stride(2) == 1 && rows_16b_aligned(dout_in, 1)) ? dout_in : dout_in.contiguous();
+  // out is our forward's output (contiguous, aligned); the copy is for callers passing others.
+  const at::Tensor out = (out_in.stride(2) == 1 && rows_16b_aligned(out_in, 1)) ? out_in : out_in.contiguous();
+  const at::Tensor lse = lse_in.contiguous();
+  at::Tensor dqkv = at::empty({d.B, d.N, 3, d.H, d.D}, qkv.options());
+  if (dqkv.numel() == 0) return dqkv;
+  at::Tensor delta = at::empty({d.B, d.H, d.N}, qkv.options().dtype(at::kFloat));
+  AttentionParams p = make_params(qkv, d);
+  p.out = const_cast<void*>(out.data_ptr());
+  p.out_stride_b = out.stride(0);
+  p.out_stride_n = out.stride(1);
+  p.lse = const_cast<float*>(lse.data_ptr<float>());
+  p.dout = dout.data_ptr();
+  p.dout_stride_b = dout.stride(0);
+  p.dout_stride_n = dout.stride(1);
+  p.dqkv = dqkv.data_ptr();
+  p.dqkv_stride_b = dqkv.stride(0);
+  p.dqkv_stride_n = dqkv.stride(1);
+  p.dqkv_stride_3 = dqkv.stride(2);
+  p.dqkv_stride_h = dqkv.stride(3);
+  p.delta = delta.data_ptr<float>();
+  check_launch(attention_bwd_cuda(p, c10::cuda::getCurrentCUDAStream().stream()), "attention_bwd");
+  return dqkv;
+}
+
+}  // namespace
+#endif  // WITH_CUDA
+
+}  // namespace mae_fast
+
+// FRAGMENT, not TORCH_LIBRARY: the Python side may define other ops in the same namespace.
+TORCH_LIBRARY_FRAGMENT(mae_fast, m) {
+  m.def("attention_fwd(Tensor qkv) -> (Tensor out, Tensor lse)");
+  m.def("attention_bwd(Tensor dout, Tensor qkv, Tensor out, Tensor lse) -> Tensor dqkv");
+}
+
+TORCH_LIBRARY_IMPL(mae_fast, CPU, m) {
+  m.impl("attention_fwd", &mae_fast::attention_fwd_cpu);
+  m.impl("attention_bwd", &mae_fast::attention_bwd_cpu);
+}
+
+#ifdef WITH_CUDA
+TORCH_LIBRARY_IMPL(mae_fast, CUDA, m) {
+  m.impl("attention_fwd", &mae_fast::attention_fwd_cuda_impl);
+  m.impl("attention_bwd", &mae_fast::attention_bwd_cuda_impl);
+}
+#endif
+
+// `import mae_fast._C` (the setup.py build) needs a module init; the ops register themselves
+// when the library is loaded, so the module itself is empty. The JIT build loads the library
+// with torch.ops.load_library and never calls this.
+PyMODINIT_FUNC PyInit__C(void) {
+  static PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "mae_fast CUDA/C++ extension (ops in torch.ops.mae_fast)",
+                                   -1, nullptr};
+  return PyModule_Create(&module_def);
+}
