@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# The one GPU entry point (../shared/DEVICE.md): in one run, under 8 minutes on an H100/H200,
+#   1. the card and versions;  2. build the extension (timed);  3. the whole test suite;
+#   4. the benchmarks (ops, attention, model: ViT-B and ViT-L bf16);  5. compute-sanitizer memcheck;
+#   6. a short table last.
+# On a machine without CUDA it runs the same steps with the GPU parts skipped (CI runs it so).
+#
+# usage: benchmarks/device_check.sh [OUTDIR]     (or DEVICE_CHECK_OUT=...; default benchmarks/results/latest)
+# env:   PY (python, default python3)   DEVICE_CHECK_SKIP_TESTS=1 (skip step 3; CI sets it: it runs them)
+#        DEVICE_CHECK_SKIP_BUILD=1 (skip the install in step 2: the package is already installed)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUTDIR=${1:-${DEVICE_CHECK_OUT:-benchmarks/results/latest}}
+PY=${PY:-python3}
+mkdir -p "$OUTDIR"
+LOG="$OUTDIR/device_check.log"
+: > "$LOG"
+export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16}
+declare -A STATUS
+
+say() { echo "$@" | tee -a "$LOG"; }
+step() {  # step NAME TIMEOUT_S CMD... : run, log, record ok/FAILED/TIMEOUT and the seconds taken
+  local name=$1 limit=$2; shift 2
+  say ""; say "=== $name: $*"
+  local t0=$SECONDS
+  timeout "$limit" "$@" 2>&1 | tee -a "$LOG"
+  local rc=${PIPESTATUS[0]}
+  local took=$((SECONDS - t0))
+  case $rc in 0) STATUS[$name]="ok (${took}s)";; 124) STATUS[$name]="TIMEOUT after ${limit}s";;
+              *) STATUS[$name]="FAILED rc=$rc (${took}s)";; esac
+  say "--- $name: ${STATUS[$name]}"
+}
+
+HAS_CUDA=$($PY -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null || echo 0)
+
+# 1. the machine
+step info 60 bash -c "nvidia-smi -L 2>/dev/null || echo 'no nvidia-smi: CPU machine'; \
+  $PY -c 'import torch, platform; print(\"python\", platform.python_version(), \"torch\", torch.__version__, \"cuda\", torch.version.cuda); \
+import importlib.util as u; t = u.find_spec(\"triton\"); print(\"triton\", __import__(\"triton\").__version__ if t else None)'"
+
+# 2. the extension: an editable install builds mae_fast._C (CUDA kernels where torch has CUDA)
+if [ "${DEVICE_CHECK_SKIP_BUILD:-0}" = 1 ]; then
+  STATUS[build]="skipped (DEVICE_CHECK_SKIP_BUILD=1)"
+else
+  step build 300 $PY -m pip install -q --no-deps --no-build-isolation -e .
+fi
+step ext_load 120 $PY -c "from mae_fast.ops import attention as a; print('extension:', a.extension_status())"
+
+# 3. the whole test suite (GPU-marked tests included where CUDA is there)
+if [ "${DEVICE_CHECK_SKIP_TESTS:-0}" = 1 ]; then
+  STATUS[tests]="skipped (DEVICE_CHECK_SKIP_TESTS=1)"
+else
+  step tests 240 $PY -m pytest -q -p no:cacheprovider --timeout 120 -o addopts="" -rfE
+fi
+
+# 4. benchmarks: JSON per suite, merged into results.json below
+step bench_ops 150 $PY benchmarks/bench_ops.py --json "$OUTDIR/bench_ops.json"
+step bench_attention 150 $PY benchmarks/bench_attention.py --json "$OUTDIR/bench_attention.json"
+if [ "$HAS_CUDA" = 1 ]; then
+  step model_vit_b 150 $PY -m mae_fast.cli bench --model mae_vit_base_patch16 --batch-size 256 \
+    --variants torch,auto,encoder_mask_tokens,hf_eager,hf_sdpa --json "$OUTDIR/bench_model_vit_b.json"
+  step model_vit_l 240 $PY -m mae_fast.cli bench --model mae_vit_large_patch16 --batch-size 256 \
+    --variants torch,auto,auto+compile,encoder_mask_tokens,hf_sdpa --json "$OUTDIR/bench_model_vit_l.json"
+  step profile_vit_l 90 $PY -m mae_fast.cli profile --model mae_vit_large_patch16 --batch-size 256
+else
+  step model_tiny 240 $PY -m mae_fast.cli bench --img-size 64 --batch-size 2 --warmup 0 --repeats 1 \
+    --variants torch,auto,encoder_mask_tokens --json "$OUTDIR/bench_model_tiny.json"
+fi
+
+# 5. memory checking of our kernels on small shapes
+if [ "$HAS_CUDA" = 1 ] && command -v compute-sanitizer >/dev/null; then
+  step memcheck 150 compute-sanitizer --tool memcheck --error-exitcode 3 $PY benchmarks/sanitize_kernels.py
+else
+  STATUS[memcheck]="skipped (no CUDA or no compute-sanitizer here)"
+fi
+
+# 6. the table
+$PY benchmarks/summarize_results.py "$OUTDIR" | tee -a "$LOG" "$OUTDIR/summary.md"
+say ""
+say "step status:"
+for k in info build ext_load tests bench_ops bench_attention model_vit_b model_vit_l profile_vit_l model_tiny memcheck; do
+  [ -n "${STATUS[$k]:-}" ] && say "  $(printf '%-16s' "$k") ${STATUS[$k]}"
+done
+FAILED=0
+for v in "${STATUS[@]}"; do case $v in FAILED*|TIMEOUT*) FAILED=1;; esac; done
+exit $FAILED
