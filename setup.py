@@ -6,19 +6,17 @@ torch must be importable at build time, so install with ``pip install --no-build
 without torch (an isolated build) the package installs without ``_C`` and
 ``mae_fast.ops.attention`` JIT-builds the extension on first use instead.
 Environment: ``MAE_FAST_NO_EXTENSION=1`` skips the extension; ``MAE_FAST_CPU_ONLY=1`` leaves out
-the CUDA kernels; ``MAX_JOBS`` caps the parallel compile jobs (ninja).
+the CUDA kernels; ``MAE_FAST_CUDA_ARCHS`` (e.g. ``90a``) picks the archs; ``MAX_JOBS`` caps the parallel compile jobs (ninja).
 """
 import os
+import runpy
 from pathlib import Path
 
 from setuptools import setup
 
 ROOT = Path(__file__).resolve().parent
-NVCC_GENCODE = [  # keep in step with mae_fast/ops/attention.py
-    "-gencode=arch=compute_80,code=sm_80",
-    "-gencode=arch=compute_90a,code=sm_90a",
-    "-gencode=arch=compute_90,code=compute_90",
-]
+# The gencode flags, shared with the JIT build; loaded by path so that setup.py imports no package.
+_build = runpy.run_path(str(ROOT / "mae_fast" / "_build.py"))
 
 
 def extension_kwargs() -> dict:
@@ -40,7 +38,7 @@ def extension_kwargs() -> dict:
         ext = cpp_extension.CUDAExtension(
             "mae_fast._C", cpp + cu, include_dirs=[str(ROOT / "csrc")],
             define_macros=[("WITH_CUDA", None)],
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo", *NVCC_GENCODE]})
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo", *_build["nvcc_gencode"]()]})
     else:
         ext = cpp_extension.CppExtension("mae_fast._C", cpp, include_dirs=[str(ROOT / "csrc")],
                                          extra_compile_args={"cxx": cxx})

@@ -8,6 +8,8 @@
 # usage: benchmarks/device_check.sh [OUTDIR]     (or DEVICE_CHECK_OUT=...; default benchmarks/results/latest)
 # env:   PY (python, default python3)   DEVICE_CHECK_SKIP_TESTS=1 (skip step 3; CI sets it: it runs them)
 #        DEVICE_CHECK_SKIP_BUILD=1 (skip the install in step 2: the package is already installed)
+#        DEVICE_CHECK_BUDGET_S (default 470): no step runs past it; the most telling steps run first
+#        MAE_FAST_CUDA_ARCHS (e.g. 90a): build the kernels for that arch alone (a quicker build)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUTDIR=${1:-${DEVICE_CHECK_OUT:-benchmarks/results/latest}}
@@ -19,9 +21,13 @@ export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16}
 declare -A STATUS
 
 say() { echo "$@" | tee -a "$LOG"; }
+BUDGET=${DEVICE_CHECK_BUDGET_S:-470}
 step() {  # step NAME TIMEOUT_S CMD... : run, log, record ok/FAILED/TIMEOUT and the seconds taken
   local name=$1 limit=$2; shift 2
-  say ""; say "=== $name: $*"
+  local left=$((BUDGET - SECONDS))
+  if [ "$left" -lt 15 ]; then STATUS[$name]="not run (time budget of ${BUDGET}s spent)"; return; fi
+  [ "$limit" -gt "$left" ] && limit=$left
+  say ""; say "=== $name (limit ${limit}s): $*"
   local t0=$SECONDS
   timeout "$limit" "$@" 2>&1 | tee -a "$LOG"
   local rc=${PIPESTATUS[0]}
@@ -46,22 +52,24 @@ else
 fi
 step ext_load 120 $PY -c "from mae_fast.ops import attention as a; print('extension:', a.extension_status())"
 
-# 3. the whole test suite (GPU-marked tests included where CUDA is there)
+# 3. the GPU-marked tests first (the kernels' correctness); the rest of the suite comes last
+XDIST=$($PY -c "import xdist; print('-n 8')" 2>/dev/null || true)
+PYTEST="$PY -m pytest -q -p no:cacheprovider --timeout 120 -o addopts= -rfE $XDIST"
 if [ "${DEVICE_CHECK_SKIP_TESTS:-0}" = 1 ]; then
-  STATUS[tests]="skipped (DEVICE_CHECK_SKIP_TESTS=1)"
-else
-  step tests 240 $PY -m pytest -q -p no:cacheprovider --timeout 120 -o addopts="" -rfE
+  STATUS[tests_gpu]="skipped (DEVICE_CHECK_SKIP_TESTS=1)"
+elif [ "$HAS_CUDA" = 1 ]; then
+  step tests_gpu 200 $PYTEST -m gpu
 fi
 
 # 4. benchmarks: JSON per suite, merged into results.json below
-step bench_ops 150 $PY benchmarks/bench_ops.py --json "$OUTDIR/bench_ops.json"
-step bench_attention 150 $PY benchmarks/bench_attention.py --json "$OUTDIR/bench_attention.json"
+step bench_ops 100 $PY benchmarks/bench_ops.py --json "$OUTDIR/bench_ops.json"
+step bench_attention 100 $PY benchmarks/bench_attention.py --json "$OUTDIR/bench_attention.json"
 if [ "$HAS_CUDA" = 1 ]; then
-  step model_vit_b 150 $PY -m mae_fast.cli bench --model mae_vit_base_patch16 --batch-size 256 \
+  step model_vit_l 120 $PY -m mae_fast.cli bench --model mae_vit_large_patch16 --batch-size 256 \
+    --variants torch,auto,encoder_mask_tokens,hf_sdpa --json "$OUTDIR/bench_model_vit_l.json"
+  step model_vit_b 100 $PY -m mae_fast.cli bench --model mae_vit_base_patch16 --batch-size 256 \
     --variants torch,auto,encoder_mask_tokens,hf_eager,hf_sdpa --json "$OUTDIR/bench_model_vit_b.json"
-  step model_vit_l 240 $PY -m mae_fast.cli bench --model mae_vit_large_patch16 --batch-size 256 \
-    --variants torch,auto,auto+compile,encoder_mask_tokens,hf_sdpa --json "$OUTDIR/bench_model_vit_l.json"
-  step profile_vit_l 90 $PY -m mae_fast.cli profile --model mae_vit_large_patch16 --batch-size 256
+  step profile_vit_l 60 $PY -m mae_fast.cli profile --model mae_vit_large_patch16 --batch-size 256
 else
   step model_tiny 240 $PY -m mae_fast.cli bench --img-size 64 --batch-size 2 --warmup 0 --repeats 1 \
     --variants torch,auto,encoder_mask_tokens --json "$OUTDIR/bench_model_tiny.json"
@@ -69,16 +77,29 @@ fi
 
 # 5. memory checking of our kernels on small shapes
 if [ "$HAS_CUDA" = 1 ] && command -v compute-sanitizer >/dev/null; then
-  step memcheck 150 compute-sanitizer --tool memcheck --error-exitcode 3 $PY benchmarks/sanitize_kernels.py
+  step memcheck 90 compute-sanitizer --tool memcheck --error-exitcode 3 $PY benchmarks/sanitize_kernels.py
 else
   STATUS[memcheck]="skipped (no CUDA or no compute-sanitizer here)"
+fi
+
+# torch.compile's first call takes a minute or more: its own step, after the essentials
+if [ "$HAS_CUDA" = 1 ]; then
+  step compile_vit_b 150 $PY -m mae_fast.cli bench --model mae_vit_base_patch16 --batch-size 256 \
+    --variants torch,auto,auto+compile --json "$OUTDIR/bench_model_vit_b_compile.json"
+fi
+
+# 3b. the rest of the suite (CI runs it on every change; here it checks the GPU machine's versions)
+if [ "${DEVICE_CHECK_SKIP_TESTS:-0}" = 1 ]; then
+  STATUS[tests_rest]="skipped (DEVICE_CHECK_SKIP_TESTS=1)"
+else
+  step tests_rest 240 $PYTEST -m "not gpu"
 fi
 
 # 6. the table
 $PY benchmarks/summarize_results.py "$OUTDIR" | tee -a "$LOG" "$OUTDIR/summary.md"
 say ""
 say "step status:"
-for k in info build ext_load tests bench_ops bench_attention model_vit_b model_vit_l profile_vit_l model_tiny memcheck; do
+for k in info build ext_load tests_gpu bench_ops bench_attention model_vit_l model_vit_b profile_vit_l model_tiny memcheck compile_vit_b tests_rest; do
   [ -n "${STATUS[$k]:-}" ] && say "  $(printf '%-16s' "$k") ${STATUS[$k]}"
 done
 FAILED=0

@@ -23,7 +23,7 @@ def _load(outdir: str) -> dict:
 def _model_lines(name: str, data: dict) -> list[str]:
     cfg, env = data["config"], data["env"]
     lines = [f"### model {name}: {cfg['model']}, batch {cfg['batch_size']}, {cfg['dtype']}, "
-             f"{env.get('gpu') or 'CPU'}; matmul {data['matmul_tflops']:.0f} TFLOP/s measured",
+             f"{env.get('gpu') or 'CPU'}; matmul {data['matmul_tflops']:.3g} TFLOP/s measured",
              "", "| variant | img/s | vs torch | vs HF | MFU | mem GB |", "|---|---:|---:|---:|---:|---:|"]
     for r in data["rows"]:
         if r["status"] != "ok":

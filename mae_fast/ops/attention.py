@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .._build import nvcc_gencode
 from ._backend import Op, requested_backend
 
 log = logging.getLogger("mae_fast")
@@ -35,13 +36,6 @@ NO_JIT_ENV = "MAE_FAST_NO_JIT"
 CUDA_HEAD_DIMS = (32, 64, 80, 128)
 CUDA_DTYPES = (torch.float16, torch.bfloat16)
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
-# sm_80 covers A100 and (forward-compatible) the other sm_8x cards; sm_90a is H100/H200; the
-# compute_90 PTX lets newer cards JIT-compile the kernels.
-NVCC_GENCODE = (
-    "-gencode=arch=compute_80,code=sm_80",
-    "-gencode=arch=compute_90a,code=sm_90a",
-    "-gencode=arch=compute_90,code=compute_90",
-)
 
 
 def attention_reference(qkv: torch.Tensor) -> torch.Tensor:
@@ -103,7 +97,7 @@ def _jit_build(verbose: bool) -> str:
         name="mae_fast_attention_cuda" if with_cuda else "mae_fast_attention_cpu",
         sources=_sources(with_cuda),
         extra_cflags=["-O3"] + (["-DWITH_CUDA"] if with_cuda else []),
-        extra_cuda_cflags=["-O3", "-lineinfo", *NVCC_GENCODE],
+        extra_cuda_cflags=["-O3", "-lineinfo", *nvcc_gencode()],
         extra_include_paths=[str(CSRC)],
         is_python_module=False,  # the ops register themselves in torch.ops.mae_fast
         verbose=verbose,
