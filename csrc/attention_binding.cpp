@@ -34,6 +34,13 @@ bool rows_16b_aligned(const at::Tensor& t, int64_t last_dim_to_check) {
   return true;
 }
 
+// A fresh, aligned buffer when `t` is not (`.contiguous()` would hand back a contiguous tensor
+// that starts at a misaligned offset unchanged).
+at::Tensor aligned(const at::Tensor& t, int64_t last_dim_to_check, bool need_unit_inner_stride = false) {
+  const bool ok = (!need_unit_inner_stride || t.stride(t.dim() - 1) == 1) && rows_16b_aligned(t, last_dim_to_check);
+  return ok ? t : t.clone(at::MemoryFormat::Contiguous);
+}
+
 AttnDtype attn_dtype(const at::Tensor& t) {
   return t.scalar_type() == at::kBFloat16 ? AttnDtype::kBFloat16 : AttnDtype::kFloat16;
 }
@@ -70,7 +77,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda_impl(const at::Tensor& qkv
   c10::cuda::CUDAGuard guard(qkv_in.device());
   // A view of the qkv Linear's output is always aligned; only an odd slice is not, and for it
   // a copy is cheaper than a second, scalar-load kernel variant.
-  const at::Tensor qkv = rows_16b_aligned(qkv_in, 3) ? qkv_in : qkv_in.contiguous();
+  const at::Tensor qkv = aligned(qkv_in, 3);
   at::Tensor out = at::empty({d.B, d.N, d.H * d.D}, qkv.options());
   at::Tensor lse = at::empty({d.B, d.H, d.N}, qkv.options().dtype(at::kFloat));
   if (out.numel() == 0) return {out, lse};
@@ -89,12 +96,12 @@ at::Tensor attention_bwd_cuda_impl(const at::Tensor& dout_in, const at::Tensor& 
   check_bwd_args(dout_in, qkv_in, out_in, lse_in, d);
   check_grid(d, "attention_bwd");
   c10::cuda::CUDAGuard guard(qkv_in.device());
-  const at::Tensor qkv = rows_16b_aligned(qkv_in, 3) ? qkv_in : qkv_in.contiguous();
+  const at::Tensor qkv = aligned(qkv_in, 3);
   // Autograd may pass an expanded or strided dout (e.g. from out.sum().backward()); the
   // kernels need 16-byte aligned rows of D contiguous elements, so copy only otherwise.
-  const at::Tensor dout = (dout_in.stride(2) == 1 && rows_16b_aligned(dout_in, 1)) ? dout_in : dout_in.contiguous();
+  const at::Tensor dout = aligned(dout_in, 1, /*need_unit_inner_stride=*/true);
   // out is our forward's output (contiguous, aligned); the copy is for callers passing others.
-  const at::Tensor out = (out_in.stride(2) == 1 && rows_16b_aligned(out_in, 1)) ? out_in : out_in.contiguous();
+  const at::Tensor out = aligned(out_in, 1, /*need_unit_inner_stride=*/true);
   const at::Tensor lse = lse_in.contiguous();
   at::Tensor dqkv = at::empty({d.B, d.N, 3, d.H, d.D}, qkv.options());
   if (dqkv.numel() == 0) return dqkv;

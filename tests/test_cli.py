@@ -28,7 +28,7 @@ def test_flops_table(capsys):
 
 def test_bench_rows_side_by_side(tmp_path, capsys):
     out_json = tmp_path / "b.json"
-    code = cli.main(["bench", "--img-size", "64", "--batch-size", "2", "--warmup", "0", "--repeats", "1",
+    code = cli.main(["bench", "--device", "cpu", "--img-size", "64", "--batch-size", "2", "--warmup", "0", "--repeats", "1",
                      "--variants", "torch,auto,auto+compile,encoder_mask_tokens", "--json", str(out_json)])
     assert code == 0
     table = capsys.readouterr().out
@@ -76,7 +76,7 @@ def test_profile_stages_cover_the_step():
 
 def test_profile_cli(capsys, tmp_path):
     trace = tmp_path / "t.json"
-    assert cli.main(["profile", "--img-size", "64", "--batch-size", "1", "--warmup", "0", "--repeats", "1",
+    assert cli.main(["profile", "--device", "cpu", "--img-size", "64", "--batch-size", "1", "--warmup", "0", "--repeats", "1",
                      "--backend", "torch", "--trace", str(trace)]) == 0
     out = capsys.readouterr().out
     assert "encoder_blocks" in out and "% of FLOPs" in out
@@ -86,7 +86,7 @@ def test_profile_cli(capsys, tmp_path):
 def test_bench_report_writes_markdown_json_and_plots(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     out = tmp_path / "rep"
-    assert cli.main(["bench", "--img-size", "64", "--batch-size", "2", "--warmup", "0", "--repeats", "1", "--variants", "torch",
+    assert cli.main(["bench", "--device", "cpu", "--img-size", "64", "--batch-size", "2", "--warmup", "0", "--repeats", "1", "--variants", "torch",
                      "--report", str(out), "--mask-ratios", "0.75", "--batch-sizes", "2"]) == 0
     names = sorted(p.name for p in out.iterdir())
     assert names == ["report.md", "result.json", "speedup_vs_mask_ratio.png", "stage_breakdown.png",

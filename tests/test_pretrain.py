@@ -14,7 +14,7 @@ pytest.importorskip("PIL")
 from mae_fast import data, optim, pretrain  # noqa: E402
 
 # A tiny run: the demo model at 32 px (L = 16 patches), 4-image batches.
-TINY = ["--model", pretrain.DEMO_MODEL, "--input-size", "32", "--batch-size", "4", "--num-workers", "0",
+TINY = ["--device", "cpu", "--model", pretrain.DEMO_MODEL, "--input-size", "32", "--batch-size", "4", "--num-workers", "0",
         "--no-progress", "--warmup-epochs", "1", "--log-every", "1"]
 
 
