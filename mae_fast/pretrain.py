@@ -414,14 +414,18 @@ def _train(args: argparse.Namespace, info: DistInfo) -> dict:
     if args.fsdp:
         import warnings
 
+        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
         # forward returns pred as a slice (x[:, 1:]) as the reference does; nothing here edits it in place
         warnings.filterwarnings("ignore", message=".*returned a view tensor.*")
 
+        # An explicit mesh of our device type: left to itself, FSDP2 picks CUDA whenever it is
+        # available (and fails on a 1-GPU machine running CPU ranks).
+        mesh = init_device_mesh(device.type, (info.world_size,))
         for blk in (*model.blocks, *model.decoder_blocks):
-            fully_shard(blk)
-        fully_shard(model)
+            fully_shard(blk, mesh=mesh)
+        fully_shard(model, mesh=mesh)
     elif info.distributed:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)

@@ -34,6 +34,18 @@ def assert_close(actual, expected, dtype=None, msg=""):
     torch.testing.assert_close(actual, expected.to(actual.dtype), **tol(dtype), msg=msg or None)
 
 
+def assert_close_in_norm(actual, expected, dtype=None, msg=""):
+    """The same per-dtype tolerances, applied to the whole tensor's norm: ``||a - e|| <=
+    rtol * ||e|| + atol * sqrt(n)`` (what the elementwise rule implies for the norm). For sums over
+    many rows (a weight gradient), whose elements carry rounding in proportion to the summands,
+    not to the result: elements that cancel to near zero keep an absolute error of that size."""
+    rtol, atol = TOLERANCES[dtype or expected.dtype]
+    a, e = actual.double(), expected.double()
+    err = torch.linalg.vector_norm(a - e).item()
+    bound = rtol * torch.linalg.vector_norm(e).item() + atol * e.numel() ** 0.5
+    assert err <= bound, f"{msg} ||actual - expected|| = {err:.3g} > {bound:.3g}"
+
+
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 
 

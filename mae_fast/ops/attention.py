@@ -241,12 +241,28 @@ def _autocast_dtype(device_type: str) -> torch.dtype | None:
     return torch.get_autocast_dtype(device_type)
 
 
+def check_extension_input(qkv: torch.Tensor) -> None:
+    """What the extension's C++ checks reject, raised here first: on the H200 machine (torch 2.11,
+    cu130) an error thrown inside the extension crashed the process instead of raising."""
+    on_cuda = qkv.device.type == "cuda"
+    if on_cuda and qkv.dtype not in CUDA_DTYPES:
+        raise TypeError(f"qkv must be float16 or bfloat16 on CUDA, got {qkv.dtype}")
+    if not on_cuda and qkv.dtype not in (*CUDA_DTYPES, torch.float32):
+        raise TypeError(f"qkv must be float16, bfloat16 or float32 on CPU, got {qkv.dtype}")
+    if on_cuda and qkv.shape[-1] not in CUDA_HEAD_DIMS:
+        raise ValueError(f"qkv head dim (size 4) must be one of {CUDA_HEAD_DIMS} on CUDA, got {qkv.shape[-1]}")
+    if qkv.stride(-1) != 1 and qkv.shape[-1] != 1:
+        raise ValueError(f"qkv must have innermost (head-dim) stride 1, got strides {qkv.stride()}; "
+                         f"pass qkv.contiguous() or a view of the qkv Linear's output")
+
+
 def attention_extension(qkv: torch.Tensor) -> torch.Tensor:
     """The op through the extension (``backend="cuda"``). Under autocast it runs in the autocast
     dtype, like SDPA would."""
     dtype = _autocast_dtype(qkv.device.type)
     if dtype is not None and qkv.dtype != dtype:
         qkv = qkv.to(dtype)
+    check_extension_input(qkv)
     out, _ = torch.ops.mae_fast.attention_fwd(qkv)
     return out
 
