@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <string>
 #include <vector>
 
 #include <ATen/Parallel.h>
@@ -19,6 +20,15 @@ namespace {
 constexpr int64_t kBlockN = 64;
 
 bool is_cuda_dtype(at::ScalarType t) { return t == at::kHalf || t == at::kBFloat16; }
+
+// "(2, 5, 3)": shapes and strides for error messages, formatted here rather than by streaming an
+// IntArrayRef (on the H200 machine, torch 2.11 cu130, the errors whose messages streamed one
+// crashed the process while the others raised; unconfirmed cause, so we avoid it).
+std::string dims_str(at::IntArrayRef dims) {
+  std::string s = "(";
+  for (size_t i = 0; i < dims.size(); ++i) s += (i ? ", " : "") + std::to_string(dims[i]);
+  return s + ")";
+}
 
 // Copies the (N, D) slice of one (b, which, h) from a strided tensor into fp32 rows.
 template <typename scalar_t>
@@ -149,7 +159,7 @@ void bwd_cpu_kernel(const at::Tensor& dout, const at::Tensor& qkv, const at::Ten
 
 QkvDims check_qkv(const at::Tensor& qkv, const char* op) {
   TORCH_CHECK_VALUE(qkv.dim() == 5 && qkv.size(2) == 3, op, ": qkv must have shape (B, N, 3, H, D), got ",
-                    qkv.sizes());
+                    dims_str(qkv.sizes()));
   const bool cuda = qkv.is_cuda();
   TORCH_CHECK_VALUE(cuda || qkv.is_cpu(), op, ": qkv must be on a CPU or CUDA device, got ", qkv.device());
   if (cuda) {
@@ -166,7 +176,7 @@ QkvDims check_qkv(const at::Tensor& qkv, const char* op) {
                       ": qkv head dim (size 4) must be one of 32, 64, 80, 128 on CUDA, got ", d.D);
   }
   TORCH_CHECK_VALUE(qkv.stride(4) == 1 || d.D == 1, op,
-                    ": qkv must have innermost (head-dim) stride 1, got strides ", qkv.strides(),
+                    ": qkv must have innermost (head-dim) stride 1, got strides ", dims_str(qkv.strides()),
                     "; pass qkv.contiguous() or a view of the qkv Linear's output");
   return d;
 }
@@ -176,11 +186,11 @@ void check_bwd_args(const at::Tensor& dout, const at::Tensor& qkv, const at::Ten
   const std::vector<int64_t> out_shape{d.B, d.N, d.H * d.D};
   const std::vector<int64_t> lse_shape{d.B, d.H, d.N};
   TORCH_CHECK_VALUE(dout.sizes() == at::IntArrayRef(out_shape), "attention_bwd: dout must have shape ",
-                    at::IntArrayRef(out_shape), ", got ", dout.sizes());
+                    dims_str(out_shape), ", got ", dims_str(dout.sizes()));
   TORCH_CHECK_VALUE(out.sizes() == at::IntArrayRef(out_shape), "attention_bwd: out must have shape ",
-                    at::IntArrayRef(out_shape), ", got ", out.sizes());
+                    dims_str(out_shape), ", got ", dims_str(out.sizes()));
   TORCH_CHECK_VALUE(lse.sizes() == at::IntArrayRef(lse_shape), "attention_bwd: lse must have shape ",
-                    at::IntArrayRef(lse_shape), ", got ", lse.sizes());
+                    dims_str(lse_shape), ", got ", dims_str(lse.sizes()));
   TORCH_CHECK_TYPE(dout.scalar_type() == qkv.scalar_type() && out.scalar_type() == qkv.scalar_type(),
                    "attention_bwd: dout and out must have qkv's dtype ", qkv.scalar_type(), ", got ",
                    dout.scalar_type(), " and ", out.scalar_type());

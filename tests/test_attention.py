@@ -152,8 +152,9 @@ def test_bad_inputs(ext, make, exc, match):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason=(
-    "open bug: on the H200 machine (torch 2.11, cu130) an error thrown inside the CUDA build of the "
-    "extension crashed the process; the public attention() raises these in Python first"))
+    "open bug: on the H200 machine (torch 2.11, cu130) errors thrown inside the CUDA build of the "
+    "extension whose messages streamed a shape crashed the process; the messages no longer do, "
+    "unverified on a GPU; the public attention() raises these in Python first"))
 def test_op_level_errors(ext):
     with pytest.raises(ValueError, match="qkv must have shape"):
         torch.ops.mae_fast.attention_fwd(torch.randn(2, 5, 4, 2, 8))
