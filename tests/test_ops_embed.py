@@ -9,6 +9,7 @@ import torch
 from conftest import assert_close, assert_close_in_norm
 from mae_fast import ops
 from mae_fast.ops._triton import why_not_triton
+from triton_compile import run_compile_check
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(why_not_triton(torch.device(DEV)) is not None,
@@ -268,30 +269,6 @@ def test_embed_inductor_gpu(seed, no_tf32):
 def test_embed_wide_rows(seed):
     """D and C*P*P above one block (1024): the kernels' second column block."""
     check_embed(make_inputs(1, 5, 16, 1, 3, 1100, 2, torch.float32), torch.float32)
-
-
-COMPILE_SCRIPT = """
-import warnings; warnings.simplefilter("ignore")
-from mae_fast.ops._triton import compile_for_cuda as c
-from mae_fast.ops import {mod} as m
-{body}
-print("compiled", n)
-"""
-
-
-def run_compile_check(mod, body):
-    """Compile the kernels for sm_90 in a fresh process without the interpreter (no GPU needed)."""
-    import os
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    r = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT.format(mod=mod, body=body)], env=env,
-                       capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-4000:]
-    return r.stdout
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests run the compiled kernels")

@@ -9,6 +9,7 @@ import torch
 from conftest import assert_close
 from mae_fast import ops
 from mae_fast.ops._triton import why_not_triton
+from triton_compile import run_compile_check
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(why_not_triton(torch.device(DEV)) is not None,
@@ -248,30 +249,6 @@ def test_glue_pipeline_inductor_fullgraph(seed):
     assert_close(loss, loss_r)
     for a, b in zip(grads, torch.autograd.grad(loss_r, params)):
         assert_close(a, b)
-
-
-COMPILE_SCRIPT = """
-import warnings; warnings.simplefilter("ignore")
-from mae_fast.ops._triton import compile_for_cuda as c
-from mae_fast.ops import {mod} as m
-{body}
-print("compiled", n)
-"""
-
-
-def run_compile_check(mod, body):
-    """Compile the kernels for sm_90 in a fresh process without the interpreter (no GPU needed)."""
-    import os
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    r = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT.format(mod=mod, body=body)], env=env,
-                       capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-4000:]
-    return r.stdout
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests run the compiled kernels")
