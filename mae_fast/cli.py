@@ -79,6 +79,12 @@ def cmd_flops(args) -> int:
         ratio = r["with_mask_tokens"]["total_gflops"] / r["without_mask_tokens"]["total_gflops"]
         print(f"{'':<24}dropping mask tokens: {ratio:.2f}x fewer FLOPs; decoder/encoder per token: "
               f"{100 * r['decoder_per_token_fraction']:.1f}%")
+    for name, r in report.items():
+        print(f"\n{name}: GFLOPs per stage (GMACs = half); the loss is elementwise, no matmul FLOPs")
+        print(f"{'stage':<20}{'without mask tokens':>21}{'with mask tokens':>18}{'ratio':>8}")
+        s0, s1 = r["without_mask_tokens"]["stages_gflops"], r["with_mask_tokens"]["stages_gflops"]
+        for stage in flops.STAGES:
+            print(f"{stage:<20}{s0[stage]:>21.3f}{s1[stage]:>18.3f}{s1[stage] / s0[stage]:>7.2f}x")
     return 0
 
 
