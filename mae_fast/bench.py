@@ -20,7 +20,6 @@ from functools import partial
 from typing import Callable
 
 import torch
-import torch.nn as nn
 
 from . import flops, hf, models_mae
 
@@ -202,10 +201,6 @@ def run_row(name: str, base, cfg: BenchConfig, imgs, noise, train_gflops: float,
     row.mfu = train_gflops * 1e9 * row.images_per_s / (matmul_tflops * 1e12)
     if device.type == "cuda":
         row.peak_mem_gb = torch.cuda.max_memory_allocated(device) / 2 ** 30
-    del model, opt, forward
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return row
 
 
@@ -229,6 +224,9 @@ def run(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -> Benc
         # training ~ 3x forward FLOPs (backward = 2x forward)
         train_gflops = 3 * (ablation if name == "encoder_mask_tokens" else plain).total_gflops
         result.rows.append(run_row(name, base, cfg, imgs, noise, train_gflops, result.matmul_tflops))
+        gc.collect()  # the row's model and optimizer state are garbage now: free them before the next
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     _add_ratios(result)
     return result
 
