@@ -21,8 +21,8 @@ def cmd_bench(args) -> int:
         model=args.model or ("mae_vit_large_patch16" if on_gpu else "mae_vit_tiny_patch16"),
         img_size=args.img_size, batch_size=args.batch_size or (256 if on_gpu else 16),
         mask_ratio=args.mask_ratio, dtype=args.dtype or ("bf16" if on_gpu else "fp32"), device=device,
-        warmup=args.warmup if args.warmup is not None else (5 if on_gpu else 2),
-        repeats=args.repeats or (20 if on_gpu else 5),
+        warmup=args.warmup if args.warmup is not None else (5 if on_gpu else 3),
+        repeats=args.repeats or (20 if on_gpu else 8),
         variants=tuple(args.variants.split(",")) if args.variants else bench.VARIANTS,
         compile_on_cpu=args.compile_on_cpu)
     result = bench.run(cfg, progress=lambda name: print(f"  measuring {name} ...", file=sys.stderr, flush=True))
