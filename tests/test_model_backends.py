@@ -86,3 +86,20 @@ def test_vit_base_bf16_autocast_close_to_torch(seed, backend):
         model.backend = backend
         fast = run(model, imgs, noise)
     assert_as_close_as_reference(fast, ref, exact, backend)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
+def test_model_compiles_fullgraph(seed, backend):
+    """torch.compile(fullgraph=True) traces the whole model on every backend: the backend switch,
+    the custom ops' fake kernels and their autograd leave no graph break (aot_eager keeps it quick;
+    the ops' own tests cover inductor)."""
+    if backend == "cuda" and DEVICE == "cuda":
+        pytest.skip("the CUDA kernels take fp16/bf16 only; their compile test is in test_attention.py")
+    model = tiny_model(backend=backend).to(DEVICE)
+    imgs, noise = torch.randn(2, 3, 32, 32, device=DEVICE), torch.rand(2, 16, device=DEVICE)
+    ref = run(model, imgs, noise)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    loss, pred, mask = compiled(imgs, noise=noise)
+    loss.backward()
+    got = (loss.detach(), pred.detach(), mask, {n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert_same_step(got, ref, rtol=1e-5, atol=1e-5)
