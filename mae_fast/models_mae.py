@@ -148,17 +148,27 @@ class MaskedAutoencoderViT(nn.Module):
 
     @staticmethod
     def _len_keep(L: int, mask_ratio) -> int:
-        if isinstance(mask_ratio, bool) or not isinstance(mask_ratio, (int, float)):
-            raise TypeError(f"mask_ratio must be a float in [0, 1), got {type(mask_ratio).__name__}")
-        if not 0.0 <= mask_ratio < 1.0:
+        """``int(L * (1 - mask_ratio))`` for a real ``mask_ratio`` in [0, 1) that keeps a patch.
+        (Removing none is fine for the encoder, e.g. to extract features; ``forward`` refuses it.)"""
+        if isinstance(mask_ratio, (str, bytes, bool)):
+            raise TypeError(f"mask_ratio must be a real number in [0, 1), got {type(mask_ratio).__name__}")
+        try:
+            ratio = float(mask_ratio)  # also numpy and 0-d tensor scalars, as the reference takes
+        except (TypeError, ValueError):
+            raise TypeError(f"mask_ratio must be a real number in [0, 1), got {type(mask_ratio).__name__}") from None
+        if not 0.0 <= ratio < 1.0:
             raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
-        len_keep = int(L * (1 - mask_ratio))
+        len_keep = int(L * (1 - ratio))
         if len_keep < 1:
             raise ValueError(f"mask_ratio={mask_ratio} keeps no patch of L={L} (int(L * (1 - mask_ratio)) == 0)")
-        if len_keep == L:
+        return len_keep
+
+    def _check_loss_ratio(self, mask_ratio) -> int:
+        len_keep = self._len_keep(self.num_patches, mask_ratio)
+        if len_keep == self.num_patches:
             raise ValueError(
-                f"mask_ratio={mask_ratio} removes no patch of L={L}: the loss would be 0/0 (the reference "
-                f"returns NaN); use a ratio > 0")
+                f"mask_ratio={mask_ratio} removes no patch of L={self.num_patches}: the loss would be 0/0 "
+                f"(the reference returns NaN); use a ratio > 0, or forward_encoder alone for features")
         return len_keep
 
     # ------------------------------------------------------------------ encoder / decoder / loss
@@ -176,15 +186,26 @@ class MaskedAutoencoderViT(nn.Module):
     def embed(self, imgs, ids_keep, mask):
         """The encoder's input: cls + the kept patches' embeddings with their positions (or,
         with ``encoder_mask_tokens``, every patch, removed ones replaced by the mask token)."""
-        if not self.encoder_mask_tokens:
+        if not self.encoder_mask_tokens and self.plain_patch_embed():
             w, b = self.patch_embed.proj.weight, self.patch_embed.proj.bias
             return ops.embed_visible_patches(imgs, ids_keep, w, b, self.pos_embed, self.cls_token,
                                              backend=self.backend)
         x = self.patch_embed(imgs)
-        x = torch.where(mask.unsqueeze(-1).bool(), self.encoder_mask_token.to(x.dtype), x)
+        if self.encoder_mask_tokens:
+            x = torch.where(mask.unsqueeze(-1).bool(), self.encoder_mask_token.to(x.dtype), x)
         x = x + self.pos_embed[:, 1:, :]
+        if not self.encoder_mask_tokens:
+            x = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
         cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
         return torch.cat((cls, x), dim=1)
+
+    def plain_patch_embed(self) -> bool:
+        """Whether the fused embedding may read ``patch_embed.proj``'s weights directly: a plain
+        Conv2d with no hooks. A swapped-in module (LoRA, quantised) or a hook (feature taps) gets
+        ``self.patch_embed(imgs)`` called, as in the reference."""
+        pe, proj = self.patch_embed, self.patch_embed.proj
+        return (type(proj) is nn.Conv2d and type(pe) is PatchEmbed
+                and not (pe._forward_hooks or pe._forward_pre_hooks or proj._forward_hooks or proj._forward_pre_hooks))
 
     def forward_decoder(self, x, ids_restore, pred_ids=None):
         """latent (N, 1+K, D) -> pred (N, L, P*P*C), or (N, M, P*P*C) for the patches ``pred_ids (N, M)``"""
@@ -214,9 +235,10 @@ class MaskedAutoencoderViT(nn.Module):
         return ops.patch_mse_loss(pred, imgs, mask, self.patch_size, self.norm_pix_loss, backend=self.backend)
 
     def forward(self, imgs, mask_ratio=0.75, noise=None):
+        len_keep = self._check_loss_ratio(mask_ratio)
         latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise)
         if self.pred_masked_only:
-            ids_removed = torch.argsort(ids_restore, dim=1)[:, self._len_keep(self.num_patches, mask_ratio):]
+            ids_removed = torch.argsort(ids_restore, dim=1)[:, len_keep:]
             pred = self.forward_decoder(latent, ids_restore, ids_removed)  # [N, L-K, p*p*C]
             loss = ops.patch_mse_loss(pred, imgs, mask, self.patch_size, self.norm_pix_loss, pred_ids=ids_removed,
                                       backend=self.backend)

@@ -384,7 +384,10 @@ def _train(args: argparse.Namespace, info: DistInfo) -> dict:
                          f"--batch-size {args.batch_size} (the last partial batch is dropped, as the authors do)")
     loader = torch.utils.data.DataLoader(
         dataset, sampler=sampler, batch_size=args.batch_size, num_workers=args.num_workers,
-        pin_memory=device.type == "cuda", drop_last=True, persistent_workers=args.num_workers > 0)
+        pin_memory=device.type == "cuda", drop_last=True,
+        # not persistent: workers are re-created (and re-seeded) each epoch from the epoch's seed,
+        # so a resumed run draws the same crops as one never interrupted
+        persistent_workers=False)
     iters = len(loader) if not args.steps_per_epoch else min(len(loader), args.steps_per_epoch)
     if iters < args.accum_iter:
         raise ValueError(f"{iters} iterations per epoch are fewer than --accum-iter {args.accum_iter}")

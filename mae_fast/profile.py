@@ -18,6 +18,7 @@ import torch
 from torch.profiler import record_function
 
 from . import flops
+from .ops.embed import embed_visible_patches_op
 
 STAGES = ("masking", "patch_embed", "encoder_blocks", "decoder_embed+unshuffle", "decoder_blocks", "head", "loss")
 STAGE_FLOPS = {  # profile stage -> flops.stage_macs keys
@@ -132,7 +133,11 @@ def profile(model, imgs, mask_ratio=0.75, *, warmup=2, repeats=5, dtype=None, tr
             _staged_step(model, imgs, mask_ratio, noise, clock)
         prof.export_chrome_trace(trace)
     med = {s: (statistics.median(r[s][0] for r in runs), statistics.median(r[s][1] for r in runs)) for s in STAGES}
-    macs = flops.stage_macs(flops.ModelDims.of(model), mask_ratio, encoder_mask_tokens=model.encoder_mask_tokens)
+    # the fast embedding runs the patch GEMM on the kept patches only: count what runs
+    visible_only = (model.plain_patch_embed()
+                    and embed_visible_patches_op.select(device, model.backend)[0] != "torch")
+    macs = flops.stage_macs(flops.ModelDims.of(model), mask_ratio, encoder_mask_tokens=model.encoder_mask_tokens,
+                            visible_patch_embed=visible_only)
     total_ms = sum(f + b for f, b in med.values())
     total_macs = sum(macs.values())
     return [StageRow(s, f, b, (f + b) / total_ms, sum(macs[k] for k in STAGE_FLOPS.get(s, ())) / total_macs)

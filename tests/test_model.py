@@ -86,7 +86,10 @@ def test_initialisation():
         if isinstance(m, nn.LayerNorm):
             assert torch.all(m.weight == 1) and torch.all(m.bias == 0)
     wp = model.patch_embed.proj.weight
-    assert wp.abs().max() <= (6 / (32 + 3 * 64)) ** 0.5
+    bound = (6 / (32 + 3 * 64)) ** 0.5  # xavier-uniform as a (D, C*P*P) Linear
+    assert wp.abs().max() <= bound
+    # the Conv2d default (bound 1/sqrt(192)) would also pass the line above: check the spread too
+    assert abs(wp.std().item() - bound / 3 ** 0.5) < 0.05 * bound / 3 ** 0.5
     assert 0.005 < model.cls_token.std() < 0.05
 
 
@@ -130,6 +133,19 @@ def test_matches_float64_spec_forward_and_grads(seed, norm_pix_loss, mask_ratio,
             torch.testing.assert_close(p.grad.double(), ref_grads[name], rtol=rtol, atol=atol, msg=name)
         else:
             assert p.grad is None
+
+
+def test_mask_ratio_zero_and_scalar_types_work_where_the_reference_takes_them():
+    """No patch removed is fine for the encoder (features); numpy / tensor scalars are ratios too."""
+    import numpy as np
+
+    model = tiny_model(backend="torch")
+    imgs = torch.randn(2, 3, 32, 32)
+    latent, mask, _ = model.forward_encoder(imgs, 0.0)
+    assert latent.shape == (2, 17, 32) and mask.sum() == 0
+    for ratio in (np.float32(0.75), torch.tensor(0.75), 3 / 4):
+        _, _, mask = model(imgs, mask_ratio=ratio)
+        assert torch.all(mask.sum(1) == 12)
 
 
 def test_same_seed_gives_the_reference_mask():
@@ -301,3 +317,31 @@ def test_pred_masked_only_gives_the_same_loss_and_grads(seed, norm_pix_loss):
     for (name, a), b in zip(full.named_parameters(), part.parameters()):
         if a.requires_grad:
             torch.testing.assert_close(b.grad, a.grad, msg=name)
+
+
+def test_hooks_and_swapped_patch_embed_are_honoured():
+    """The fused embedding reads proj's weights directly; with a hook on patch_embed, or another
+    proj module, the model calls patch_embed as the reference does, with the same numbers."""
+    model = tiny_model(backend="torch")
+    imgs, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 16)
+    ref = model(imgs, noise=noise)
+    seen = []
+    handle = model.patch_embed.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    out = model(imgs, noise=noise)
+    handle.remove()
+    assert seen == [(2, 16, 32)]
+    torch.testing.assert_close(out[0], ref[0])
+    torch.testing.assert_close(out[1], ref[1])
+
+    class Scaled(nn.Conv2d):  # e.g. a LoRA-style wrapper: not a plain Conv2d
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    conv = model.patch_embed.proj
+    model.patch_embed.proj = Scaled(3, 32, 8, 8)
+    model.patch_embed.proj.load_state_dict(conv.state_dict())
+    assert not model.plain_patch_embed()
+    latent, _, _ = model.forward_encoder(imgs, 0.75, noise)
+    model.patch_embed.proj = conv
+    plain, _, _ = model.forward_encoder(imgs, 0.75, noise)
+    assert not torch.allclose(latent, plain)  # the wrapper's forward ran

@@ -94,10 +94,12 @@ def test_global_batch_and_accumulation_set_the_lr(tmp_path, images):
 
 
 # ---------------------------------------------------------------------------- checkpoints
-def test_checkpoint_layout_resume_and_loss_falls(tmp_path, images):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_checkpoint_layout_resume_and_loss_falls(tmp_path, images, workers):
     """The authors' layout, readable with weights_only=True; an interrupted run resumes at the next
-    epoch and ends with exactly the weights of an uninterrupted one."""
-    common = [*TINY, "--data-path", images, "--lr", 3e-3, "--epochs", 3, "--save-every", 1]
+    epoch and ends with exactly the weights of an uninterrupted one (data loader workers too)."""
+    common = [*TINY, "--data-path", images, "--lr", 3e-3, "--epochs", 3, "--save-every", 1,
+              "--num-workers", workers]
     full = pretrain.train(parse(*common, "--output-dir", tmp_path / "full"))
     first = full["epoch_losses"]
     assert first[-1] < first[0], f"loss did not fall: {first}"
