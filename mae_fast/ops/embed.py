@@ -142,7 +142,7 @@ if HAS_TRITON:
     @triton.jit
     def _patch_copy_kernel(
         img_ptr, ids_ptr, pat_ptr,
-        total, K, CPP, WP,
+        total, K, CPP, WP, L,
         s_in, s_ic, s_ih, s_iw,
         s_idn, s_idk,
         s_pn, s_pk, s_pj,
@@ -154,7 +154,8 @@ if HAS_TRITON:
         any strides, pixel order (c, p, q) (the conv weight's). ``ROWS`` patches of ``BLOCK``
         pixels per program; grid ``(cdiv(N*K, ROWS), cdiv(C*P*P, BLOCK))``.
         SCATTER=False: gather ``pat[n, k] = img[n, :, patch ids[n, k]]``; SCATTER=True: the inverse
-        (the backward), writing only the kept patches of a zero-filled ``img``.
+        (the backward), writing only the kept patches of a zero-filled ``img``. An id outside
+        ``[0, L)`` touches no pixel (its patch row reads as zeros): never out of bounds.
         Bytes: ``N*K*C*P*P`` elements read and as many written (plus ``N*K`` ids).
         """
         rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
@@ -162,6 +163,7 @@ if HAS_TRITON:
         n = rows // K
         k = rows % K
         l = tl.load(ids_ptr + n * s_idn + k * s_idk, mask=rmask, other=0).to(tl.int64)
+        id_ok = rmask & (l >= 0) & (l < L)
         hi = l // WP
         wi = l % WP
         j = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -170,20 +172,21 @@ if HAS_TRITON:
         p = r // P
         q = r % P
         m2 = rmask[:, None] & (j < CPP)[None, :]
+        m_img = m2 & id_ok[:, None]
         img_off = ((n * s_in)[:, None] + (c * s_ic)[None, :] + (hi * P)[:, None] * s_ih + p[None, :] * s_ih
                    + (wi * P)[:, None] * s_iw + q[None, :] * s_iw)
         pat_off = (n * s_pn + k * s_pk)[:, None] + j.to(tl.int64)[None, :] * s_pj
         if SCATTER:
-            v = tl.load(pat_ptr + pat_off, mask=m2, other=0.0)
-            tl.store(img_ptr + img_off, v.to(img_ptr.dtype.element_ty), mask=m2)
+            v = tl.load(pat_ptr + pat_off, mask=m_img, other=0.0)
+            tl.store(img_ptr + img_off, v.to(img_ptr.dtype.element_ty), mask=m_img)
         else:
-            v = tl.load(img_ptr + img_off, mask=m2, other=0.0)
+            v = tl.load(img_ptr + img_off, mask=m_img, other=0.0)
             tl.store(pat_ptr + pat_off, v.to(pat_ptr.dtype.element_ty), mask=m2)
 
     @triton.jit
     def _embed_epilogue_kernel(
         y_ptr, ids_ptr, bias_ptr, pos_ptr, cls_ptr, out_ptr,
-        total, K, D,
+        total, K, D, L,
         s_yn, s_yk, s_yd,
         s_idn, s_idk,
         s_b, s_pl, s_pd, s_c,
@@ -207,6 +210,7 @@ if HAS_TRITON:
         k = tl.maximum(r - 1, 0)
         l = tl.load(ids_ptr + n * s_idn + k * s_idk, mask=rmask & is_tok, other=0).to(tl.int64)  # K may be 0
         prow = tl.where(is_tok, l + 1, 0)
+        pos_ok = rmask & (prow >= 0) & (prow <= L)  # an id outside [0, L) reads no position row
         d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         dmask = d < D
         m2 = rmask[:, None] & dmask[None, :]
@@ -214,7 +218,8 @@ if HAS_TRITON:
                     mask=m2 & is_tok[:, None], other=0.0).to(tl.float32)
         b = tl.load(bias_ptr + d * s_b, mask=dmask, other=0.0).to(tl.float32)
         cl = tl.load(cls_ptr + d * s_c, mask=dmask, other=0.0).to(tl.float32)
-        pos = tl.load(pos_ptr + (prow * s_pl)[:, None] + d[None, :] * s_pd, mask=m2, other=0.0).to(tl.float32)
+        pos = tl.load(pos_ptr + (prow * s_pl)[:, None] + d[None, :] * s_pd, mask=m2 & pos_ok[:, None],
+                      other=0.0).to(tl.float32)
         out = tl.where(is_tok[:, None], y + b[None, :], cl[None, :]) + pos
         tl.store(out_ptr + (rows * D)[:, None] + d[None, :], out.to(out_ptr.dtype.element_ty), mask=m2)
 
@@ -228,7 +233,7 @@ def _launch_patch_copy(imgs, ids_keep, pat, P, scatter):
     ROWS, BLOCK, warps = rows_block(CPP)
     grid = (triton.cdiv(N * K, ROWS), triton.cdiv(CPP, BLOCK))
     _patch_copy_kernel[grid](
-        imgs, ids_keep, pat, N * K, K, CPP, W // P,
+        imgs, ids_keep, pat, N * K, K, CPP, W // P, (H // P) * (W // P),
         *imgs.stride(), *ids_keep.stride(), *pat.stride(),
         P=P, ROWS=ROWS, BLOCK=BLOCK, SCATTER=scatter, num_warps=warps,
     )
@@ -298,7 +303,7 @@ def _embed_epilogue_cop(y: torch.Tensor, ids_keep: torch.Tensor, bias: torch.Ten
     grid = (triton.cdiv(total, ROWS), triton.cdiv(D, BLOCK_D))
     if out.numel():
         _embed_epilogue_kernel[grid](
-            y, ids_keep, bias, pos_embed, cls_token, out, total, K, D,
+            y, ids_keep, bias, pos_embed, cls_token, out, total, K, D, pos_embed.shape[1] - 1,
             *y.stride(), *ids_keep.stride(), bias.stride(0), pos_embed.stride(1), pos_embed.stride(2),
             cls_token.stride(2), ROWS=ROWS, BLOCK_D=BLOCK_D, num_warps=warps,
         )
@@ -341,9 +346,11 @@ def _epilogue_backward(ctx, grad):
     if ctx.needs_input_grad[3]:
         # Positions get gradients from several rows: scatter into (N, L, D) (ids distinct within a
         # row, so no collision) and sum over N: a fixed-order reduction, no float atomics.
-        z = grad.new_zeros((N, ctx.L, D), dtype=torch.float32)
-        z.scatter_(1, ids_keep.unsqueeze(-1).expand(N, K1 - 1, D), g_tok.to(torch.float32))
-        dpos = torch.cat([dcls_row.view(1, D), z.sum(dim=0)], dim=0).view(1, 1 + ctx.L, D).to(p_dt)
+        # An id outside [0, L) lands in a spare last row that is dropped (never out of bounds).
+        z = grad.new_zeros((N, ctx.L + 1, D), dtype=torch.float32)
+        rows = torch.where((ids_keep >= 0) & (ids_keep < ctx.L), ids_keep, ctx.L)
+        z.scatter_(1, rows.unsqueeze(-1).expand(N, K1 - 1, D), g_tok.to(torch.float32))
+        dpos = torch.cat([dcls_row.view(1, D), z[:, :ctx.L].sum(dim=0)], dim=0).view(1, 1 + ctx.L, D).to(p_dt)
     return dy, None, dbias, dpos, dcls
 
 

@@ -99,7 +99,10 @@ def patch_mse_loss(pred, imgs, mask, patch_size, norm_pix_loss=False, *, pred_id
 
     The triton backend gives the same bits on every run (per-patch losses in a buffer, then a
     fixed-order sum). Its gradient w.r.t. ``mask`` is not computed at ``mask == 0`` patches unless
-    ``mask.requires_grad`` (then no patch is skipped)."""
+    ``mask.requires_grad`` (then no patch is skipped). Skipping kept patches has one visible
+    difference: a NaN/inf in a kept patch's prediction does not reach the loss (the reference's
+    ``loss * mask`` turns it into NaN); a NaN in a removed patch does, as in the reference.
+    Ids outside ``[0, L)`` (without the debug check) read no memory: their patches weigh 0."""
     _check_args(pred, imgs, mask, patch_size, norm_pix_loss, pred_ids)
     if pred_ids is not None and check_ids_enabled():
         N, C, H, W = imgs.shape
@@ -135,7 +138,7 @@ if HAS_TRITON:
     @triton.jit
     def _patch_mse_fwd_kernel(
         pred_ptr, img_ptr, w_ptr, ids_ptr, loss_ptr,
-        M, PPC, WP,
+        M, PPC, WP, L,
         s_pn, s_pm, s_pj,
         s_in, s_ic, s_ih, s_iw,
         s_wn, s_wm,
@@ -165,6 +168,8 @@ if HAS_TRITON:
         if SKIP_ZERO:
             wv = tl.zeros([BLOCK], dtype=tl.float32) + w
             active = active & (wv != 0.0)
+        lv = tl.zeros([BLOCK], dtype=tl.int64) + l
+        active = active & (lv >= 0) & (lv < L)  # an id outside [0, L) reads no pixel
         t = _patch_target(img_ptr, n, l, j, active, WP, s_in, s_ic, s_ih, s_iw, PPC, P, C, NORM, EPS)
         x = tl.load(pred_ptr + n * s_pn + mi * s_pm + j.to(tl.int64) * s_pj, mask=active, other=0.0)
         e = tl.where(active, x.to(tl.float32) - t, 0.0)
@@ -173,7 +178,7 @@ if HAS_TRITON:
     @triton.jit
     def _patch_mse_bwd_kernel(
         pred_ptr, img_ptr, g_ptr, ids_ptr, dpred_ptr,
-        M, PPC, WP,
+        M, PPC, WP, L,
         s_pn, s_pm, s_pj,
         s_in, s_ic, s_ih, s_iw,
         s_gn, s_gm,
@@ -199,7 +204,8 @@ if HAS_TRITON:
         j = tl.arange(0, BLOCK)
         in_row = j < PPC
         gv = tl.zeros([BLOCK], dtype=tl.float32) + g
-        active = in_row & (gv != 0.0)
+        lv = tl.zeros([BLOCK], dtype=tl.int64) + l
+        active = in_row & (gv != 0.0) & (lv >= 0) & (lv < L)  # an id outside [0, L) reads no pixel
         t = _patch_target(img_ptr, n, l, j, active, WP, s_in, s_ic, s_ih, s_iw, PPC, P, C, NORM, EPS)
         x = tl.load(pred_ptr + n * s_pn + mi * s_pm + j.to(tl.int64) * s_pj, mask=active, other=0.0)
         dx = tl.where(active, (x.to(tl.float32) - t) * (2.0 * g / PPC), 0.0)
@@ -216,6 +222,10 @@ def _launch_args(pred, imgs, patch_size):
     return PPC, BLOCK, warps
 
 
+def _num_patches(imgs: torch.Tensor, patch_size: int) -> int:
+    return (imgs.shape[2] // patch_size) * (imgs.shape[3] // patch_size)
+
+
 @torch.library.custom_op("mae_fast::patch_mse_per_patch", mutates_args=())
 def _patch_loss_cop(pred: torch.Tensor, imgs: torch.Tensor, weight: torch.Tensor, pred_ids: Optional[torch.Tensor],
                     patch_size: int, norm_pix_loss: bool, skip_zero: bool) -> torch.Tensor:
@@ -226,7 +236,7 @@ def _patch_loss_cop(pred: torch.Tensor, imgs: torch.Tensor, weight: torch.Tensor
     if loss.numel():
         ids = pred_ids if pred_ids is not None else weight  # a dummy pointer when HAS_IDS=False
         _patch_mse_fwd_kernel[(N * M,)](
-            pred, imgs, weight, ids, loss, M, PPC, imgs.shape[3] // patch_size,
+            pred, imgs, weight, ids, loss, M, PPC, imgs.shape[3] // patch_size, _num_patches(imgs, patch_size),
             *pred.stride(), *imgs.stride(), *weight.stride(), *ids.stride(),
             P=patch_size, C=imgs.shape[1], BLOCK=BLOCK, NORM=norm_pix_loss, EPS=NORM_PIX_EPS,
             HAS_IDS=pred_ids is not None, SKIP_ZERO=skip_zero, num_warps=warps,
@@ -248,7 +258,7 @@ def _patch_loss_bwd_cop(grad: torch.Tensor, pred: torch.Tensor, imgs: torch.Tens
     if dpred.numel():
         ids = pred_ids if pred_ids is not None else grad
         _patch_mse_bwd_kernel[(N * M,)](
-            pred, imgs, grad, ids, dpred, M, PPC, imgs.shape[3] // patch_size,
+            pred, imgs, grad, ids, dpred, M, PPC, imgs.shape[3] // patch_size, _num_patches(imgs, patch_size),
             *pred.stride(), *imgs.stride(), *grad.stride(), *ids.stride(),
             P=patch_size, C=imgs.shape[1], BLOCK=BLOCK, NORM=norm_pix_loss, EPS=NORM_PIX_EPS,
             HAS_IDS=pred_ids is not None, num_warps=warps,
@@ -315,7 +325,11 @@ def _patch_mse_loss_triton(pred, imgs, mask, patch_size, norm_pix_loss, pred_ids
     if mask.is_floating_point():
         out_dtype = torch.promote_types(out_dtype, mask.dtype)
     maskf = mask.to(torch.float32)
-    weight = maskf if pred_ids is None else torch.gather(maskf, 1, pred_ids)
+    if pred_ids is None:
+        weight = maskf
+    else:  # an id outside [0, L) weighs 0 (no out-of-bounds gather; MAE_FAST_CHECK_IDS=1 reports it)
+        in_range = (pred_ids >= 0) & (pred_ids < maskf.shape[1])
+        weight = torch.gather(maskf, 1, pred_ids.clamp(0, maskf.shape[1] - 1)) * in_range
     per_patch = _patch_loss_cop(pred, imgs, weight, pred_ids, patch_size, norm_pix_loss,
                                 not mask.requires_grad)
     return ((per_patch * weight).sum() / maskf.sum()).to(out_dtype)

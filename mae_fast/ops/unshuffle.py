@@ -101,7 +101,8 @@ if HAS_TRITON:
         r = rows % (L + 1)
         li = tl.maximum(r - 1, 0)
         j = tl.load(ids_ptr + n * s_idn + li * s_idl, mask=rmask & (r > 0), other=-1).to(tl.int64)
-        keep = j < K  # the cls row (j = -1) reads x[n, 0]
+        # the cls row (r = 0, j = -1) reads x[n, 0]; an id outside [0, L) reads no row of x
+        keep = (j < K) & ((r == 0) | (j >= 0))
         dd = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         dmask = dd < d
         m2 = rmask[:, None] & dmask[None, :]
@@ -143,7 +144,7 @@ if HAS_TRITON:
             jv = tl.zeros([BLOCK_D], dtype=tl.int64) + j
             valid = m & (rv <= L)
             g = tl.load(g_ptr + n * s_gn + r * s_gl + dd * s_gd, mask=valid, other=0.0)
-            keep = valid & (jv < K)
+            keep = valid & (jv < K) & ((rv == 0) | (jv >= 0))  # no store for an id outside [0, L)
             tl.store(dx_ptr + (n * (K + 1) + j + 1) * d + dd, g.to(dx_ptr.dtype.element_ty), mask=keep)
             acc += tl.where(valid & (jv >= K), g.to(tl.float32), 0.0)
         tl.store(part_ptr + (n * n_chunks + ch) * d + dd, acc, mask=m)
