@@ -257,8 +257,8 @@ def format_table(result: BenchResult) -> str:
         f"mae-fast bench: {cfg['model']} at {cfg['img_size']} px, batch {cfg['batch_size']}, mask ratio {cfg['mask_ratio']}, "
         f"{cfg['dtype']}, on {where}",
         f"torch {env['torch']}, triton {env['triton']}, commit {env['commit']}; "
-        f"matmul rate measured now: {result.matmul_tflops:.2f} TFLOP/s; median of {cfg['repeats']} steps "
-        f"after {cfg['warmup']} warm-up (fwd+bwd+AdamW)",
+        f"matmul rate measured now: {result.matmul_tflops:.2f} TFLOP/s (MFU is model FLOPs over it); "
+        f"median of {cfg['repeats']} steps after {cfg['warmup']} warm-up (fwd+bwd+AdamW)",
         "",
         f"{'variant':<22}{'img/s':>10}{'step ms (min-max)':>24}{'vs torch':>10}{'vs HF':>8}{'MFU':>8}{'mem GB':>8}",
     ]
