@@ -293,12 +293,19 @@ def _progress(items, desc: str):
         return items
 
 
+def _sweep_point(cfg: BenchConfig) -> dict:
+    """A sweep's many points get half the timed steps of the main table (the curve's shape, not
+    each point's last digit, is what a sweep shows)."""
+    return {"warmup": min(cfg.warmup, 2), "repeats": max(3, cfg.repeats // 2)}
+
+
 def sweep_mask_ratio(cfg: BenchConfig, ratios) -> list[dict]:
     """Throughput with and without mask tokens in the encoder, per mask ratio, beside the FLOPs
     ratio: how much of the FLOPs saving turns into wall-clock."""
     out = []
     for ratio in _progress(list(ratios), "mask ratios"):
-        sub = BenchConfig(**{**asdict(cfg), "mask_ratio": ratio, "variants": ("auto", "encoder_mask_tokens")})
+        sub = BenchConfig(**{**asdict(cfg), **_sweep_point(cfg), "mask_ratio": ratio,
+                             "variants": ("auto", "encoder_mask_tokens")})
         res = run(sub)
         rows = {r.variant: r for r in res.rows}
         f0 = res.flops["without_mask_tokens"]["total_gflops"]
@@ -312,6 +319,6 @@ def sweep_mask_ratio(cfg: BenchConfig, ratios) -> list[dict]:
 def sweep_batch_size(cfg: BenchConfig, sizes, variants=("torch", "auto")) -> list[dict]:
     out = []
     for size in _progress(list(sizes), "batch sizes"):
-        res = run(BenchConfig(**{**asdict(cfg), "batch_size": size, "variants": variants}))
+        res = run(BenchConfig(**{**asdict(cfg), **_sweep_point(cfg), "batch_size": size, "variants": variants}))
         out.append({"batch_size": size, **{r.variant: r.images_per_s for r in res.rows}})
     return out
