@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import statistics
+import time
 from dataclasses import asdict, dataclass
 
 import torch
@@ -42,8 +43,6 @@ class _Clock:
             event = torch.cuda.Event(enable_timing=True)
             event.record()
             return event
-        import time
-
         return time.perf_counter()
 
     def ms(self, a, b) -> float:

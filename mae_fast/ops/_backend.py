@@ -75,10 +75,21 @@ def requested_backend(explicit: str | None = None) -> str:
 @dataclass(frozen=True)
 class Impl:
     """One implementation of an op: ``why_not(device)`` returns ``None`` when it can run on
-    that device, else the reason it cannot."""
+    that device, else the reason it cannot; ``declines(*args)``, when given, does the same for the
+    call's inputs (a dtype or shape the kernels do not take). ``auto`` then uses the reference; an
+    explicitly named backend runs ``fn``, which raises its own precise error."""
 
     fn: Callable
     why_not: Callable[[torch.device], str | None]
+    declines: Callable[..., str | None] | None = None
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The autocast dtype in force for ``device``'s type, or None."""
+    dt = torch.device(device).type
+    if dt in ("cuda", "cpu") and torch.is_autocast_enabled(dt):
+        return torch.get_autocast_dtype(dt)
+    return None
 
 
 def _always(device: torch.device) -> str | None:
@@ -95,18 +106,21 @@ class Op:
         self._fast_order: list[str] = []
         self._warned: set[tuple[str, str]] = set()
 
-    def register(self, backend: str, fn: Callable, why_not: Callable[[torch.device], str | None]) -> None:
+    def register(self, backend: str, fn: Callable, why_not: Callable[[torch.device], str | None],
+                 declines: Callable[..., str | None] | None = None) -> None:
         if self.name not in COVERAGE.get(backend, ()):
             raise ValueError(f"backend {backend!r} does not cover op {self.name!r} (see COVERAGE)")
-        self.impls[backend] = Impl(fn, why_not)
+        self.impls[backend] = Impl(fn, why_not, declines)
         if backend not in self._fast_order:
             self._fast_order.append(backend)
 
-    def select(self, device: torch.device, explicit: str | None = None) -> tuple[str, Callable]:
-        """The (backend name, function) that computes this op on ``device``."""
+    def select(self, device: torch.device, explicit: str | None = None, args: tuple | None = None
+               ) -> tuple[str, Callable]:
+        """The (backend name, function) that computes this op on ``device`` (for the inputs
+        ``args``, when given: ``auto`` skips an implementation that declines them)."""
         name = requested_backend(explicit)
         if name == "auto":
-            return self._select_auto(device)
+            return self._select_auto(device, args)
         if name != "torch" and self.name not in COVERAGE[name]:
             return "torch", self.impls["torch"].fn
         impl = self.impls.get(name)
@@ -120,18 +134,21 @@ class Op:
             raise BackendUnavailableError(f"backend {name!r} cannot run op {self.name!r} on {device}: {reason}")
         return name, impl.fn
 
-    def _select_auto(self, device: torch.device) -> tuple[str, Callable]:
+    def _select_auto(self, device: torch.device, args: tuple | None) -> tuple[str, Callable]:
         if device.type != "cpu":
             for name in self._fast_order:
-                reason = self.impls[name].why_not(device)
+                impl = self.impls[name]
+                reason = impl.why_not(device)
+                if reason is None and args is not None and impl.declines is not None:
+                    reason = impl.declines(*args)
                 if reason is None:
-                    return name, self.impls[name].fn
-                key = (name, device.type)
-                if key not in self._warned:
+                    return name, impl.fn
+                key = (name, reason)
+                if key not in self._warned:  # once per distinct reason, not once per call
                     self._warned.add(key)
                     log.warning("mae_fast: op %s falls back from %s to torch on %s: %s",
                                 self.name, name, device, reason)
         return "torch", self.impls["torch"].fn
 
-    def __call__(self, *args, backend: str | None = None, device: torch.device, **kwargs):
-        return self.select(device, backend)[1](*args, **kwargs)
+    def __call__(self, *args, backend: str | None = None, device: torch.device):
+        return self.select(device, backend, args)[1](*args)

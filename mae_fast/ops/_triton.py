@@ -11,6 +11,8 @@ import os
 
 import torch
 
+from ._backend import autocast_dtype  # noqa: F401  (re-exported for the op files)
+
 try:  # pragma: no cover - depends on the environment
     import triton
     import triton.language as tl
@@ -130,13 +132,6 @@ def host_check_ids(ids: torch.Tensor, name: str, upper: int, unique: bool) -> No
         if bool((s[..., 1:] == s[..., :-1]).any()):
             raise ValueError(f"{name} must not repeat an id within a row")
 
-
-def autocast_dtype(device: torch.device) -> torch.dtype | None:
-    """The autocast dtype in force for ``device``'s type, or None."""
-    dt = torch.device(device).type
-    if dt in ("cuda", "cpu") and torch.is_autocast_enabled(dt):
-        return torch.get_autocast_dtype(dt)
-    return None
 
 
 def compile_for_cuda(kernel, signature: dict, constexprs: dict, arch: int = 90, num_warps: int = 4):

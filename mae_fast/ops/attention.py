@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from .._build import nvcc_gencode
-from ._backend import Op, requested_backend
+from ._backend import Op, autocast_dtype
 
 log = logging.getLogger("mae_fast")
 
@@ -235,63 +235,50 @@ def _register_python_parts() -> None:
     torch.library.register_autograd("mae_fast::attention_fwd", backward, setup_context=setup_context)
 
 
-def _autocast_dtype(device_type: str) -> torch.dtype | None:
-    if device_type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device_type):
-        return None
-    return torch.get_autocast_dtype(device_type)
-
-
-def check_extension_input(qkv: torch.Tensor) -> None:
-    """What the extension's C++ checks reject, raised here first: on the H200 machine (torch 2.11,
-    cu130) an error thrown inside the extension crashed the process instead of raising."""
+def extension_input_problem(qkv: torch.Tensor) -> tuple[type, str] | None:
+    """``(exception type, message)`` for an input the extension does not take, else None. The dtype
+    is the one the op runs in: the autocast dtype where autocast is on."""
     on_cuda = qkv.device.type == "cuda"
-    if on_cuda and qkv.dtype not in CUDA_DTYPES:
-        raise TypeError(f"qkv must be float16 or bfloat16 on CUDA, got {qkv.dtype}")
-    if not on_cuda and qkv.dtype not in (*CUDA_DTYPES, torch.float32):
-        raise TypeError(f"qkv must be float16, bfloat16 or float32 on CPU, got {qkv.dtype}")
+    dtype = autocast_dtype(qkv.device) or qkv.dtype
+    if on_cuda and dtype not in CUDA_DTYPES:
+        return TypeError, f"qkv must be float16 or bfloat16 on CUDA, got {dtype}"
+    if not on_cuda and dtype not in (*CUDA_DTYPES, torch.float32):
+        return TypeError, f"qkv must be float16, bfloat16 or float32 on CPU, got {dtype}"
     if on_cuda and qkv.shape[-1] not in CUDA_HEAD_DIMS:
-        raise ValueError(f"qkv head dim (size 4) must be one of {CUDA_HEAD_DIMS} on CUDA, got {qkv.shape[-1]}")
+        return ValueError, f"qkv head dim (size 4) must be one of {CUDA_HEAD_DIMS} on CUDA, got {qkv.shape[-1]}"
     if qkv.stride(-1) != 1 and qkv.shape[-1] != 1:
-        raise ValueError(f"qkv must have innermost (head-dim) stride 1, got strides {qkv.stride()}; "
-                         f"pass qkv.contiguous() or a view of the qkv Linear's output")
+        return ValueError, (f"qkv must have innermost (head-dim) stride 1, got strides {qkv.stride()}; "
+                            f"pass qkv.contiguous() or a view of the qkv Linear's output")
+    return None
+
+
+def _declines(qkv: torch.Tensor) -> str | None:
+    """For ``auto``: an input the kernels do not take (fp32 without autocast, an odd head dim)
+    goes to the reference instead of failing."""
+    problem = extension_input_problem(qkv)
+    return None if problem is None else problem[1]
 
 
 def attention_extension(qkv: torch.Tensor) -> torch.Tensor:
     """The op through the extension (``backend="cuda"``). Under autocast it runs in the autocast
-    dtype, like SDPA would."""
-    dtype = _autocast_dtype(qkv.device.type)
+    dtype, like SDPA would. Bad input is raised here, in Python: on the H200 machine (torch 2.11,
+    cu130) some errors thrown inside the extension crashed the process instead of raising."""
+    problem = extension_input_problem(qkv)
+    if problem is not None:
+        raise problem[0](problem[1])
+    dtype = autocast_dtype(qkv.device)
     if dtype is not None and qkv.dtype != dtype:
         qkv = qkv.to(dtype)
-    check_extension_input(qkv)
     out, _ = torch.ops.mae_fast.attention_fwd(qkv)
     return out
 
 
-def cuda_kernels_support(qkv: torch.Tensor) -> bool:
-    """Whether the CUDA kernels take this input (dtype after autocast, head dim)."""
-    dtype = _autocast_dtype(qkv.device.type) or qkv.dtype
-    return dtype in CUDA_DTYPES and qkv.shape[-1] in CUDA_HEAD_DIMS
-
-
-attention_op.register("cuda", attention_extension, _why_not_extension)
-
-_AUTO_SKIPPED: set = set()
+attention_op.register("cuda", attention_extension, _why_not_extension, _declines)
 
 
 def attention(qkv: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
     check_qkv(qkv)
-    name, fn = attention_op.select(qkv.device, backend)
-    if name == "cuda" and qkv.device.type == "cuda" and not cuda_kernels_support(qkv):
-        if requested_backend(backend) == "auto":
-            # auto picks the extension per device; an input the kernels do not take (fp32
-            # without autocast, an odd head dim) goes to the reference instead of failing.
-            key = (qkv.dtype, qkv.shape[-1])
-            if key not in _AUTO_SKIPPED:
-                _AUTO_SKIPPED.add(key)
-                log.warning("mae_fast: attention uses torch for dtype %s, head dim %d (the CUDA kernels "
-                            "take float16/bfloat16 and head dims %s)", qkv.dtype, qkv.shape[-1], CUDA_HEAD_DIMS)
-            fn = attention_reference
-    return fn(qkv)
+    return attention_op(qkv, backend=backend, device=qkv.device)
 
 
 # ``from mae_fast.ops import attention`` yields the function above (the package re-exports it), so

@@ -107,9 +107,8 @@ def patch_mse_loss(pred, imgs, mask, patch_size, norm_pix_loss=False, *, pred_id
     if pred_ids is not None and check_ids_enabled():
         N, C, H, W = imgs.shape
         host_check_ids(pred_ids, "pred_ids", (H // patch_size) * (W // patch_size), unique=True)
-    kwargs = {} if pred_ids is None else {"pred_ids": pred_ids}
-    return patch_mse_loss_op(pred, imgs, mask, patch_size, norm_pix_loss, backend=backend,
-                             device=pred.device, **kwargs)
+    return patch_mse_loss_op(pred, imgs, mask, patch_size, norm_pix_loss, pred_ids, backend=backend,
+                             device=pred.device)
 
 
 # ============================================================================ Triton kernels
