@@ -24,15 +24,10 @@ import sys
 import torch
 
 from . import data as data_mod
+from .models_mae import MODELS
 
 
 # ---------------------------------------------------------------------------- the model
-def _model_names():
-    from .pretrain import MODELS
-
-    return MODELS
-
-
 def infer_model_name(state: dict) -> str | None:
     """The first registered model whose architecture matches ``state``'s shapes (the number of
     heads is not in the weights, so only registered configurations can be recognised)."""
@@ -45,7 +40,7 @@ def infer_model_name(state: dict) -> str | None:
 
     sig = (state["cls_token"].shape[-1], depth("blocks"), tuple(state["patch_embed.proj.weight"].shape[1:]),
            state["mask_token"].shape[-1], depth("decoder_blocks"))
-    for name, factory in _model_names().items():
+    for name, factory in MODELS.items():
         with torch.device("meta"):
             m = factory()
         msig = (m.cls_token.shape[-1], len(m.blocks), tuple(m.patch_embed.proj.weight.shape[1:]),
@@ -90,7 +85,7 @@ def model_from_checkpoint(path: str, *, model: str | None = None, input_size: in
     name = name or infer_model_name(state)
     if name is None:
         raise ValueError(f"cannot tell which model {path!r} holds: give --model (one of "
-                         f"{', '.join(sorted(_model_names()))})")
+                         f"{', '.join(sorted(MODELS))})")
     size = input_size or cargs.get("input_size") or _input_size_of(state) or 224
     npl = norm_pix_loss if norm_pix_loss is not None else bool(cargs.get("norm_pix_loss", False))
     info.update(name=name, input_size=size, norm_pix_loss=npl,
@@ -98,8 +93,7 @@ def model_from_checkpoint(path: str, *, model: str | None = None, input_size: in
                 ("checkpoint args" if "norm_pix_loss" in cargs else "default (off)"))
     net = build_model(name, input_size=size, norm_pix_loss=npl, backend=backend)
     report = load_pretrained(net, state, strict=False)
-    missing = [k for k in report.missing if k not in report.regenerated]
-    if missing or report.unexpected:
+    if report.missing or report.unexpected:
         raise ValueError(f"{path!r} does not match {name} at {size}px: {report}; give the right --model")
     return net.eval(), info
 
