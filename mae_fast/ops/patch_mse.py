@@ -116,6 +116,21 @@ def patch_mse_loss(pred, imgs, mask, patch_size, norm_pix_loss=False, *, pred_id
 if HAS_TRITON:
 
     @triton.jit
+    def _row_patch(ids_ptr, M, L, s_idn, s_idm, BLOCK: tl.constexpr, HAS_IDS: tl.constexpr):
+        """This program's row of ``(N, M)``: ``(row, n, m, l, id_ok)`` with ``l`` the patch id
+        (``ids[n, m]`` if HAS_IDS, else ``m``) and ``id_ok`` a ``[BLOCK]`` mask, False when ``l``
+        is outside ``[0, L)`` (then no pixel is read)."""
+        row = tl.program_id(0).to(tl.int64)
+        n = row // M
+        mi = row % M
+        if HAS_IDS:
+            l = tl.load(ids_ptr + n * s_idn + mi * s_idm).to(tl.int64)
+        else:
+            l = mi
+        lv = tl.zeros([BLOCK], dtype=tl.int64) + l
+        return row, n, mi, l, (lv >= 0) & (lv < L)
+
+    @triton.jit
     def _patch_target(img_ptr, n, l, j, active, WP, s_in, s_ic, s_ih, s_iw, PPC,
                       P: tl.constexpr, C: tl.constexpr, NORM: tl.constexpr, EPS: tl.constexpr):
         """The target pixels ``j`` (order (p, q, c)) of patch ``l`` of image ``n``, read from NCHW,
@@ -154,21 +169,13 @@ if HAS_TRITON:
         fp32 contiguous. Grid ``(N*M,)``. Bytes: read pred and imgs of the weighted patches once
         (``2 * N*M_removed*P*P*C`` elements), write ``N*M`` fp32.
         """
-        row = tl.program_id(0).to(tl.int64)
-        n = row // M
-        mi = row % M
-        if HAS_IDS:
-            l = tl.load(ids_ptr + n * s_idn + mi * s_idm).to(tl.int64)
-        else:
-            l = mi
+        row, n, mi, l, id_ok = _row_patch(ids_ptr, M, L, s_idn, s_idm, BLOCK, HAS_IDS)
         w = tl.load(w_ptr + n * s_wn + mi * s_wm).to(tl.float32)
         j = tl.arange(0, BLOCK)
-        active = j < PPC
+        active = (j < PPC) & id_ok
         if SKIP_ZERO:
             wv = tl.zeros([BLOCK], dtype=tl.float32) + w
             active = active & (wv != 0.0)
-        lv = tl.zeros([BLOCK], dtype=tl.int64) + l
-        active = active & (lv >= 0) & (lv < L)  # an id outside [0, L) reads no pixel
         t = _patch_target(img_ptr, n, l, j, active, WP, s_in, s_ic, s_ih, s_iw, PPC, P, C, NORM, EPS)
         x = tl.load(pred_ptr + n * s_pn + mi * s_pm + j.to(tl.int64) * s_pj, mask=active, other=0.0)
         e = tl.where(active, x.to(tl.float32) - t, 0.0)
@@ -192,19 +199,12 @@ if HAS_TRITON:
         contiguous, pred's dtype. Grid ``(N*M,)``. Bytes: read pred and imgs of the removed patches,
         write all of dpred.
         """
-        row = tl.program_id(0).to(tl.int64)
-        n = row // M
-        mi = row % M
-        if HAS_IDS:
-            l = tl.load(ids_ptr + n * s_idn + mi * s_idm).to(tl.int64)
-        else:
-            l = mi
+        row, n, mi, l, id_ok = _row_patch(ids_ptr, M, L, s_idn, s_idm, BLOCK, HAS_IDS)
         g = tl.load(g_ptr + n * s_gn + mi * s_gm).to(tl.float32)
         j = tl.arange(0, BLOCK)
         in_row = j < PPC
         gv = tl.zeros([BLOCK], dtype=tl.float32) + g
-        lv = tl.zeros([BLOCK], dtype=tl.int64) + l
-        active = in_row & (gv != 0.0) & (lv >= 0) & (lv < L)  # an id outside [0, L) reads no pixel
+        active = in_row & (gv != 0.0) & id_ok
         t = _patch_target(img_ptr, n, l, j, active, WP, s_in, s_ic, s_ih, s_iw, PPC, P, C, NORM, EPS)
         x = tl.load(pred_ptr + n * s_pn + mi * s_pm + j.to(tl.int64) * s_pj, mask=active, other=0.0)
         dx = tl.where(active, (x.to(tl.float32) - t) * (2.0 * g / PPC), 0.0)
