@@ -133,14 +133,39 @@ def test_patch_mse_autocast(seed):
 
 def test_patch_mse_opcheck(seed):
     pred, imgs, mask, kw = make_inputs(2, 2, 2, 1, 3, 1, torch.float32, masked_only=True)
-    w = torch.gather(mask, 1, kw["pred_ids"])
-    op = torch.ops.mae_fast.patch_mse_per_patch.default
-    torch.library.opcheck(op, (pred, imgs, w, kw["pred_ids"], 2, True, True))
+    ids = kw["pred_ids"]
+    fused = torch.ops.mae_fast.patch_mse_loss.default
+    torch.library.opcheck(fused, (pred, imgs, mask, ids, 2, True, torch.float32))
     pred2, imgs2, mask2, _ = make_inputs(2, 2, 2, 1, 3, 1, torch.float32, img_grad=True)
-    torch.library.opcheck(op, (pred2, imgs2, mask2, None, 2, False, True))
+    torch.library.opcheck(fused, (pred2, imgs2, mask2.bool(), None, 2, False, torch.float32))
+    msum = mask.sum()
+    torch.library.opcheck(torch.ops.mae_fast.patch_mse_loss_backward.default,
+                          (torch.tensor(0.5, device=DEV), pred.detach(), imgs, mask, ids, msum, 2, True))
+    per_patch = torch.ops.mae_fast.patch_mse_per_patch.default
+    torch.library.opcheck(per_patch, (pred, imgs, ids, 2, True))
+    torch.library.opcheck(per_patch, (pred2, imgs2, None, 2, False))
     g = torch.rand(2, 2, device=DEV)
     torch.library.opcheck(torch.ops.mae_fast.patch_mse_per_patch_backward.default,
-                          (g, pred.detach(), imgs, kw["pred_ids"], 2, True))
+                          (g, pred.detach(), imgs, ids, 2, True))
+
+
+@pytest.mark.parametrize("masked_only", [False, True])
+def test_patch_mse_bool_mask(seed, masked_only):
+    """A bool mask (True = removed) is read as is: the same loss and gradient as its float copy."""
+    pred, imgs, mask, kw = make_inputs(2, 3, 4, 2, 3, 2, torch.float32, masked_only=masked_only)
+    loss = ops.patch_mse_loss(pred, imgs, mask.bool(), 4, True, backend="triton", **kw)
+    ref = ops.patch_mse_loss(pred, imgs, mask, 4, True, backend="torch", **kw)
+    assert_close(loss, ref)
+    assert_close(torch.autograd.grad(loss, pred)[0], torch.autograd.grad(ref, pred)[0])
+
+
+def test_patch_mse_many_programs(seed):
+    """More patches than one program holds, and a mask sum split over the programs: every
+    program's share is counted once (N*L = 3*35 mask values over cdiv(105, 64) programs)."""
+    pred, imgs, mask, kw = make_inputs(3, 1, 2, 5, 7, 9, torch.float32)
+    check(pred, imgs, mask, 2, True, kw, torch.float32)
+    pred, imgs, mask, kw = make_inputs(3, 1, 2, 5, 7, 9, torch.float32, masked_only=True)
+    check(pred, imgs, mask, 2, False, kw, torch.float32)
 
 
 @pytest.mark.parametrize("masked_only", [False, True])
@@ -255,14 +280,20 @@ def test_glue_pipeline_inductor_fullgraph(seed):
 def test_kernels_compile_for_sm90():
     """Every kernel variant compiles to an sm_90 cubin (no GPU needed): the compiled path accepts
     what the interpreter accepted."""
-    assert "compiled 16" in run_compile_check("patch_mse", BODY)
+    assert "compiled 24" in run_compile_check("patch_mse", BODY)
 
 
 BODY = """
 n = 0
+aligned = ("pred_ptr", "img_ptr", "dpred_ptr", "s_pn", "s_pm", "s_in", "s_ic", "s_ih")
+variants = [((14, 3, 4), norm, ids, weighted) for norm in (False, True) for ids in (False, True) for weighted in (False, True)]
+variants += [((16, 3, 4), True, False, True), ((16, 3, 4), False, True, True), ((2, 1, 256), True, True, True)]
+for i, ((P, C, R), norm, ids, weighted) in enumerate(variants):
+    dt = ("fp32", "bf16", "fp16")[i % 3]
+    tile = {"P": P, "C": C, "P_PAD": 1 << (P - 1).bit_length(), "C_PAD": 1 << (C - 1).bit_length(), "R": R}
+    flags = {**tile, "NORM": norm, "EPS": 1e-6, "HAS_IDS": ids, "WEIGHTED": weighted}
+    c(m._patch_mse_fwd_kernel, {"pred_ptr": "*" + dt, "img_ptr": "*fp32", "mask_ptr": "*i1", "ids_ptr": "*i64", "out_ptr": "*fp32"}, {**flags, "MBLOCK": 4}, num_warps=8, aligned=aligned); n += 1
+    c(m._patch_mse_bwd_kernel, {"pred_ptr": "*" + dt, "img_ptr": "*" + dt, "coef_ptr": "*fp32", "ids_ptr": "*i64", "g_ptr": "*" + dt, "msum_ptr": "*fp32", "dpred_ptr": "*" + dt}, flags, num_warps=8, aligned=aligned); n += 1
 for dt in ("fp32", "bf16"):
-    for norm in (False, True):
-        for ids in (False, True):
-            c(m._patch_mse_fwd_kernel, {"pred_ptr": "*" + dt, "img_ptr": "*fp32", "w_ptr": "*fp32", "ids_ptr": "*i64", "loss_ptr": "*fp32"}, {"P": 14, "C": 3, "BLOCK": 1024, "NORM": norm, "EPS": 1e-6, "HAS_IDS": ids, "SKIP_ZERO": True}); n += 1
-            c(m._patch_mse_bwd_kernel, {"pred_ptr": "*" + dt, "img_ptr": "*" + dt, "g_ptr": "*fp32", "ids_ptr": "*i64", "dpred_ptr": "*" + dt}, {"P": 16, "C": 3, "BLOCK": 1024, "NORM": norm, "EPS": 1e-6, "HAS_IDS": ids}); n += 1
+    c(m._patch_mse_finish_kernel, {"part_ptr": "*fp32", "loss_ptr": "*" + dt, "msum_ptr": "*fp32"}, {"BLOCK": 1024}); n += 1
 """

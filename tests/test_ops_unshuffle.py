@@ -168,5 +168,5 @@ BODY = """
 n = 0
 for dt in ("fp32", "fp16", "bf16"):
     c(m._unshuffle_fwd_kernel, {"x_ptr": "*" + dt, "ids_ptr": "*i64", "mt_ptr": "*fp32", "pos_ptr": "*" + dt, "out_ptr": "*" + dt}, {"ROWS": 8, "BLOCK_D": 512}); n += 1
-    c(m._unshuffle_bwd_kernel, {"g_ptr": "*" + dt, "ids_ptr": "*i64", "dx_ptr": "*" + dt, "part_ptr": "*fp32"}, {"CHUNK": 16, "BLOCK_D": 512}); n += 1
+    c(m._unshuffle_bwd_kernel, {"g_ptr": "*" + dt, "ids_ptr": "*i64", "dx_ptr": "*" + dt, "part_ptr": "*fp32"}, {"CHUNK": 16, "BLOCK_D": 512}, num_warps=8, aligned=("g_ptr", "dx_ptr", "d", "s_gn", "s_gl")); n += 1
 """

@@ -134,12 +134,15 @@ def host_check_ids(ids: torch.Tensor, name: str, upper: int, unique: bool) -> No
 
 
 
-def compile_for_cuda(kernel, signature: dict, constexprs: dict, arch: int = 90, num_warps: int = 4):
+def compile_for_cuda(kernel, signature: dict, constexprs: dict, arch: int = 90, num_warps: int = 4,
+                     aligned: tuple = ()):
     """Compile ``kernel`` (a ``@triton.jit`` function) to a cubin for ``sm_<arch>`` without a GPU
     (Triton's own ptxas): a check, on CPU machines, that the compiled path accepts what the
     interpreter accepted. Needs a process where ``TRITON_INTERPRET`` was NOT set at import.
     ``signature`` maps pointer / non-default argument names to Triton types (``"*bf16"``,
-    ``"i64"``); other arguments are ``i32``. Returns the compiled kernel."""
+    ``"i64"``); other arguments are ``i32``. ``aligned`` names the arguments (those the kernel has) to mark divisible by
+    16, as Triton's launcher does at run time for 16-byte-aligned pointers and multiples of 16
+    (what lets it vectorise). Returns the compiled kernel."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -147,5 +150,7 @@ def compile_for_cuda(kernel, signature: dict, constexprs: dict, arch: int = 90, 
         raise RuntimeError("compile_for_cuda needs a process started without TRITON_INTERPRET=1")
     names = kernel.arg_names
     sig = {n: ("constexpr" if n in constexprs else signature.get(n, "i32")) for n in names}
-    src = ASTSource(fn=kernel, signature=sig, constexprs={(names.index(k),): v for k, v in constexprs.items()})
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned if n in names}
+    src = ASTSource(fn=kernel, signature=sig, constexprs={(names.index(k),): v for k, v in constexprs.items()},
+                    attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})

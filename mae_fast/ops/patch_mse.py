@@ -24,7 +24,8 @@ from ._triton import (
 from .patches import patchify
 
 NORM_PIX_EPS = 1e-6
-_MAX_PATCH_VALUES = 32768  # P*P*C handled by one program of the Triton kernels
+_MAX_TILE = 16384  # padded values per patch, next_pow2(P)**2 * next_pow2(C), one program holds
+_TILE_ELEMS = 4096  # padded values per program: several small patches share one
 
 
 def patch_mse_loss_reference(
@@ -97,8 +98,8 @@ def patch_mse_loss(pred, imgs, mask, patch_size, norm_pix_loss=False, *, pred_id
     ``pred_ids[n, m]`` (e.g. the removed ones, ``ids_shuffle[:, K:]``). With ``MAE_FAST_CHECK_IDS=1``
     they are checked on the host (in range, no repeat: a device sync and a sort).
 
-    The triton backend gives the same bits on every run (per-patch losses in a buffer, then a
-    fixed-order sum). Its gradient w.r.t. ``mask`` is not computed at ``mask == 0`` patches unless
+    The triton backend gives the same bits on every run (per-program partial sums, then a
+    fixed-order sum; no atomics). Its gradient w.r.t. ``mask`` is not computed at ``mask == 0`` patches unless
     ``mask.requires_grad`` (then no patch is skipped). Skipping kept patches has one visible
     difference: a NaN/inf in a kept patch's prediction does not reach the loss (the reference's
     ``loss * mask`` turns it into NaN); a NaN in a removed patch does, as in the reference.
@@ -112,157 +113,322 @@ def patch_mse_loss(pred, imgs, mask, patch_size, norm_pix_loss=False, *, pred_id
 
 
 # ============================================================================ Triton kernels
+#
+# One program handles R patches as a [R, P_PAD, P_PAD, C_PAD] tile in pred's (p, q, c) order. The
+# image is read as [R, C_PAD, P_PAD, P_PAD] (q fastest: each patch row is P contiguous pixels, so
+# loads coalesce and vectorise) and transposed in registers; reading it in pred's order instead
+# would put neighbouring lanes H*W apart, one per channel.
 
 if HAS_TRITON:
 
     @triton.jit
-    def _row_patch(ids_ptr, M, L, s_idn, s_idm, BLOCK: tl.constexpr, HAS_IDS: tl.constexpr):
-        """This program's row of ``(N, M)``: ``(row, n, m, l, id_ok)`` with ``l`` the patch id
-        (``ids[n, m]`` if HAS_IDS, else ``m``) and ``id_ok`` a ``[BLOCK]`` mask, False when ``l``
-        is outside ``[0, L)`` (then no pixel is read)."""
-        row = tl.program_id(0).to(tl.int64)
-        n = row // M
-        mi = row % M
+    def _patch_rows(pid, total, ids_ptr, M, L, s_idn, s_idm, R: tl.constexpr, HAS_IDS: tl.constexpr):
+        """The R rows ``(n, m)`` of ``(N, M)`` of program ``pid``: ``(rows, in_rows, n, m, l, ok)``
+        with ``l`` the patch id (``ids[n, m]`` if HAS_IDS, else ``m``) and ``ok`` False for a row
+        past the end or an id outside ``[0, L)`` (no pixel of it is read)."""
+        rows = pid.to(tl.int64) * R + tl.arange(0, R)
+        in_rows = rows < total
+        n = rows // M
+        mi = rows % M
         if HAS_IDS:
-            l = tl.load(ids_ptr + n * s_idn + mi * s_idm).to(tl.int64)
+            l = tl.load(ids_ptr + n * s_idn + mi * s_idm, mask=in_rows, other=-1).to(tl.int64)
         else:
             l = mi
-        lv = tl.zeros([BLOCK], dtype=tl.int64) + l
-        return row, n, mi, l, (lv >= 0) & (lv < L)
+        return rows, in_rows, n, mi, l, in_rows & (l >= 0) & (l < L)
 
     @triton.jit
-    def _patch_target(img_ptr, n, l, j, active, WP, s_in, s_ic, s_ih, s_iw, PPC,
-                      P: tl.constexpr, C: tl.constexpr, NORM: tl.constexpr, EPS: tl.constexpr):
-        """The target pixels ``j`` (order (p, q, c)) of patch ``l`` of image ``n``, read from NCHW,
-        normalised per patch if NORM (unbiased variance). fp32."""
-        hi = l // WP
-        wi = l % WP
-        p = j // (P * C)
-        q = (j // C) % P
-        c = (j % C).to(tl.int64)
-        off = n * s_in + c * s_ic + (hi * P + p) * s_ih + (wi * P + q) * s_iw
-        t = tl.load(img_ptr + off, mask=active, other=0.0).to(tl.float32)
+    def _pred_offsets(P: tl.constexpr, C: tl.constexpr, P_PAD: tl.constexpr, C_PAD: tl.constexpr):
+        """``(j, inside)``: the index ``(p*P + q)*C + c`` of each tile slot in a patch's row of
+        pred, ``[1, P_PAD, P_PAD, C_PAD]``, and whether the slot is a pixel (not padding)."""
+        p = tl.arange(0, P_PAD)[None, :, None, None]
+        q = tl.arange(0, P_PAD)[None, None, :, None]
+        c = tl.arange(0, C_PAD)[None, None, None, :]
+        return (p * P + q) * C + c, (p < P) & (q < P) & (c < C)
+
+    @triton.jit
+    def _patch_targets(img_ptr, n, l, live, WP, s_in, s_ic, s_ih, s_iw,
+                       P: tl.constexpr, C: tl.constexpr, P_PAD: tl.constexpr, C_PAD: tl.constexpr,
+                       NORM: tl.constexpr, EPS: tl.constexpr):
+        """The targets of patches ``l`` of images ``n`` (``[R]`` each; rows where ``live`` is False
+        are not read): ``[R, P_PAD, P_PAD, C_PAD]`` fp32 in pred's order, zero on padding,
+        normalised per patch if NORM (unbiased variance, as ``torch.var``)."""
+        c = tl.arange(0, C_PAD)[None, :, None, None]
+        p = tl.arange(0, P_PAD)[None, None, :, None]
+        q = tl.arange(0, P_PAD)[None, None, None, :]
+        base = n * s_in + (l // WP) * (P * s_ih) + (l % WP) * (P * s_iw)
+        off = base[:, None, None, None] + c.to(tl.int64) * s_ic + p.to(tl.int64) * s_ih + q * s_iw
+        m = live[:, None, None, None] & (c < C) & (p < P) & (q < P)
+        raw = tl.load(img_ptr + off, mask=m, other=0.0)
+        t = tl.permute(raw, (0, 2, 3, 1)).to(tl.float32)  # transposed in the input dtype: half the bytes
         if NORM:
-            mean = tl.sum(t, axis=0) / PPC
-            diff = tl.where(active, t - mean, 0.0)
-            var = tl.sum(diff * diff, axis=0) / (PPC - 1)
-            t = tl.div_rn(diff, tl.sqrt_rn(var + EPS))
+            n_pix = P * P * C
+            mean = tl.sum(tl.sum(tl.sum(t, axis=3), axis=2), axis=1) / n_pix
+            _, inside = _pred_offsets(P, C, P_PAD, C_PAD)
+            diff = tl.where(inside, t - mean[:, None, None, None], 0.0)
+            var = tl.sum(tl.sum(tl.sum(diff * diff, axis=3), axis=2), axis=1) / (n_pix - 1)
+            t = tl.div_rn(diff, tl.sqrt_rn(var + EPS)[:, None, None, None])
         return t
 
     @triton.jit
+    def _patch_errors(pred_ptr, img_ptr, n, mi, l, live, WP,
+                      s_pn, s_pm, s_pj, s_in, s_ic, s_ih, s_iw,
+                      P: tl.constexpr, C: tl.constexpr, P_PAD: tl.constexpr, C_PAD: tl.constexpr,
+                      NORM: tl.constexpr, EPS: tl.constexpr):
+        """``pred - target`` of the R patches, fp32 ``[R, P_PAD, P_PAD, C_PAD]``, zero where not
+        ``live`` and on padding; also ``j`` and ``inside`` (see :func:`_pred_offsets`)."""
+        j, inside = _pred_offsets(P, C, P_PAD, C_PAD)
+        m = live[:, None, None, None] & inside
+        t = _patch_targets(img_ptr, n, l, live, WP, s_in, s_ic, s_ih, s_iw, P, C, P_PAD, C_PAD, NORM, EPS)
+        x = tl.load(pred_ptr + (n * s_pn + mi * s_pm)[:, None, None, None] + j.to(tl.int64) * s_pj,
+                    mask=m, other=0.0).to(tl.float32)
+        return tl.where(m, x - t, 0.0), j, inside
+
+    @triton.jit
+    def _mask_at(mask_ptr, n, l, ok, s_mn, s_ml):
+        """``mask[n, l]`` as fp32, 0 where not ``ok``."""
+        return tl.load(mask_ptr + n * s_mn + tl.where(ok, l, 0) * s_ml, mask=ok, other=0).to(tl.float32)
+
+    @triton.jit
     def _patch_mse_fwd_kernel(
-        pred_ptr, img_ptr, w_ptr, ids_ptr, loss_ptr,
-        M, PPC, WP, L,
+        pred_ptr, img_ptr, mask_ptr, ids_ptr, out_ptr,
+        total, M, L, WP, mask_total, mask_chunk,
         s_pn, s_pm, s_pj,
         s_in, s_ic, s_ih, s_iw,
-        s_wn, s_wm,
+        s_mn, s_ml,
         s_idn, s_idm,
-        P: tl.constexpr, C: tl.constexpr, BLOCK: tl.constexpr,
-        NORM: tl.constexpr, EPS: tl.constexpr, HAS_IDS: tl.constexpr, SKIP_ZERO: tl.constexpr,
+        P: tl.constexpr, C: tl.constexpr, P_PAD: tl.constexpr, C_PAD: tl.constexpr, R: tl.constexpr,
+        MBLOCK: tl.constexpr, NORM: tl.constexpr, EPS: tl.constexpr, HAS_IDS: tl.constexpr,
+        WEIGHTED: tl.constexpr,
     ):
-        """Per-patch MSE ``loss[n, m] = mean_j (pred[n, m, j] - target[n, l, j])**2``,
-        ``l = ids[n, m]`` (HAS_IDS) or ``m``; 0 without reading anything where ``w[n, m] == 0``
-        (SKIP_ZERO: the kept patches).
+        """Per-patch MSE ``e[n, m] = mean_j (pred[n, m, j] - target[n, l, j])**2``, ``l = ids[n, m]``
+        (HAS_IDS) or ``m``.
 
-        ``pred (N, M, P*P*C)`` any strides, (p, q, c) order; ``img (N, C, H, W)`` any strides;
-        ``w (N, M)`` float (the mask at the predicted patches); ``ids (N, M)`` int64; ``loss (N, M)``
-        fp32 contiguous. Grid ``(N*M,)``. Bytes: read pred and imgs of the weighted patches once
-        (``2 * N*M_removed*P*P*C`` elements), write ``N*M`` fp32.
+        WEIGHTED: ``out (programs, 2)`` fp32 gets this program's ``sum_r mask[n, l] * e`` (patches
+        with ``mask == 0``, the kept ones, are not read) and its ``mask_chunk`` elements' share of
+        ``mask.sum()``; a fixed-order sum of these partials is the loss (no atomics: the same bits
+        on every run). Else ``out (N*M,)`` fp32 gets every ``e``.
+
+        ``pred (N, M, P*P*C)``, ``img (N, C, H, W)``, ``mask (N, L)`` (float or bool), ``ids (N, M)``
+        int64: any strides. Grid ``(cdiv(N*M, R),)``. Bytes: pred and imgs of the weighted patches
+        once (``2 * N*M_removed*P*P*C`` elements), mask once, 8 bytes per program.
         """
-        row, n, mi, l, id_ok = _row_patch(ids_ptr, M, L, s_idn, s_idm, BLOCK, HAS_IDS)
-        w = tl.load(w_ptr + n * s_wn + mi * s_wm).to(tl.float32)
-        j = tl.arange(0, BLOCK)
-        active = (j < PPC) & id_ok
-        if SKIP_ZERO:
-            wv = tl.zeros([BLOCK], dtype=tl.float32) + w
-            active = active & (wv != 0.0)
-        t = _patch_target(img_ptr, n, l, j, active, WP, s_in, s_ic, s_ih, s_iw, PPC, P, C, NORM, EPS)
-        x = tl.load(pred_ptr + n * s_pn + mi * s_pm + j.to(tl.int64) * s_pj, mask=active, other=0.0)
-        e = tl.where(active, x.to(tl.float32) - t, 0.0)
-        tl.store(loss_ptr + row, tl.sum(e * e, axis=0) / PPC)
+        pid = tl.program_id(0)
+        rows, in_rows, n, mi, l, ok = _patch_rows(pid, total, ids_ptr, M, L, s_idn, s_idm, R, HAS_IDS)
+        if WEIGHTED:
+            w = _mask_at(mask_ptr, n, l, ok, s_mn, s_ml)
+            live = ok & (w != 0.0)
+        else:
+            live = ok
+        e, _, _ = _patch_errors(pred_ptr, img_ptr, n, mi, l, live, WP, s_pn, s_pm, s_pj, s_in, s_ic, s_ih, s_iw,
+                                P, C, P_PAD, C_PAD, NORM, EPS)
+        per_patch = tl.sum(tl.sum(tl.sum(e * e, axis=3), axis=2), axis=1) / (P * P * C)
+        if WEIGHTED:
+            tl.store(out_ptr + 2 * pid, tl.sum(tl.where(live, per_patch * w, 0.0), axis=0))
+            acc = tl.zeros([MBLOCK], dtype=tl.float32)
+            for i in range(0, mask_chunk, MBLOCK):
+                k = i + tl.arange(0, MBLOCK)
+                idx = pid.to(tl.int64) * mask_chunk + k
+                acc += tl.load(mask_ptr + (idx // L) * s_mn + (idx % L) * s_ml,
+                               mask=(k < mask_chunk) & (idx < mask_total), other=0).to(tl.float32)
+            tl.store(out_ptr + 2 * pid + 1, tl.sum(acc, axis=0))
+        else:
+            tl.store(out_ptr + rows, per_patch, mask=in_rows)
+
+    @triton.jit
+    def _patch_mse_finish_kernel(part_ptr, n_part, loss_ptr, msum_ptr, BLOCK: tl.constexpr):
+        """``loss = sum(part[:, 0]) / sum(part[:, 1])`` in a fixed order (one program); also
+        writes the mask sum, which the backward reuses. ``part (n_part, 2)`` fp32 contiguous."""
+        r = tl.arange(0, BLOCK)[:, None]
+        col = tl.arange(0, 2)[None, :]
+        acc = tl.zeros([BLOCK, 2], dtype=tl.float32)
+        for i in range(0, n_part, BLOCK):
+            acc += tl.load(part_ptr + (i + r) * 2 + col, mask=(i + r) < n_part, other=0.0)
+        sums = tl.sum(acc, axis=0)
+        num = tl.sum(tl.where(col == 0, sums[None, :], 0.0), axis=1)
+        den = tl.sum(tl.where(col == 1, sums[None, :], 0.0), axis=1)
+        tl.store(msum_ptr + tl.arange(0, 1), den)
+        tl.store(loss_ptr + tl.arange(0, 1), (num / den).to(loss_ptr.dtype.element_ty))
 
     @triton.jit
     def _patch_mse_bwd_kernel(
-        pred_ptr, img_ptr, g_ptr, ids_ptr, dpred_ptr,
-        M, PPC, WP, L,
+        pred_ptr, img_ptr, coef_ptr, ids_ptr, g_ptr, msum_ptr, dpred_ptr,
+        total, M, L, WP,
         s_pn, s_pm, s_pj,
         s_in, s_ic, s_ih, s_iw,
-        s_gn, s_gm,
+        s_cn, s_cm,
         s_idn, s_idm,
-        P: tl.constexpr, C: tl.constexpr, BLOCK: tl.constexpr,
-        NORM: tl.constexpr, EPS: tl.constexpr, HAS_IDS: tl.constexpr,
+        P: tl.constexpr, C: tl.constexpr, P_PAD: tl.constexpr, C_PAD: tl.constexpr, R: tl.constexpr,
+        NORM: tl.constexpr, EPS: tl.constexpr, HAS_IDS: tl.constexpr, WEIGHTED: tl.constexpr,
     ):
-        """``dpred[n, m, j] = g[n, m] * 2 * (pred - target) / (P*P*C)``; rows with ``g == 0`` (the
-        kept patches) are written as zeros without reading pred or imgs.
+        """``dpred[n, m, j] = coef[n, m] * 2 * (pred - target) / (P*P*C)``: WEIGHTED, ``coef_ptr``
+        is the mask and ``coef = mask[n, l] * g / msum`` (``g``, ``msum``: fp32 scalars in device
+        memory, no host sync); else ``coef_ptr`` is the per-patch gradient ``(N, M)``. Rows with
+        ``coef == 0`` (the kept patches) are written as zeros without reading pred or imgs.
 
-        ``g (N, M)`` fp32, any strides (an expanded scalar is fine); ``dpred (N, M, P*P*C)``
-        contiguous, pred's dtype. Grid ``(N*M,)``. Bytes: read pred and imgs of the removed patches,
-        write all of dpred.
+        ``dpred (N, M, P*P*C)`` contiguous, pred's dtype, every element written. Grid
+        ``(cdiv(N*M, R),)``. Bytes: pred and imgs of the removed patches, all of dpred.
         """
-        row, n, mi, l, id_ok = _row_patch(ids_ptr, M, L, s_idn, s_idm, BLOCK, HAS_IDS)
-        g = tl.load(g_ptr + n * s_gn + mi * s_gm).to(tl.float32)
-        j = tl.arange(0, BLOCK)
-        in_row = j < PPC
-        gv = tl.zeros([BLOCK], dtype=tl.float32) + g
-        active = in_row & (gv != 0.0) & id_ok
-        t = _patch_target(img_ptr, n, l, j, active, WP, s_in, s_ic, s_ih, s_iw, PPC, P, C, NORM, EPS)
-        x = tl.load(pred_ptr + n * s_pn + mi * s_pm + j.to(tl.int64) * s_pj, mask=active, other=0.0)
-        dx = tl.where(active, (x.to(tl.float32) - t) * (2.0 * g / PPC), 0.0)
-        tl.store(dpred_ptr + row * PPC + j, dx.to(dpred_ptr.dtype.element_ty), mask=in_row)
+        rows, in_rows, n, mi, l, ok = _patch_rows(tl.program_id(0), total, ids_ptr, M, L, s_idn, s_idm, R, HAS_IDS)
+        if WEIGHTED:
+            scale = tl.load(g_ptr).to(tl.float32) / tl.load(msum_ptr)
+            coef = _mask_at(coef_ptr, n, l, ok, s_cn, s_cm) * scale
+        else:
+            coef = tl.load(coef_ptr + n * s_cn + mi * s_cm, mask=ok, other=0.0).to(tl.float32)
+        live = ok & (coef != 0.0)
+        e, j, inside = _patch_errors(pred_ptr, img_ptr, n, mi, l, live, WP, s_pn, s_pm, s_pj, s_in, s_ic, s_ih, s_iw,
+                                     P, C, P_PAD, C_PAD, NORM, EPS)
+        dx = e * (coef * (2.0 / (P * P * C)))[:, None, None, None]
+        tl.store(dpred_ptr + rows[:, None, None, None] * (P * P * C) + j, dx.to(dpred_ptr.dtype.element_ty),
+                 mask=in_rows[:, None, None, None] & inside)
 
 
-def _launch_args(pred, imgs, patch_size):
-    N, C, H, W = imgs.shape
-    PPC = patch_size * patch_size * C
-    if PPC > _MAX_PATCH_VALUES:
-        raise ValueError(f"the triton patch_mse_loss handles P*P*C <= {_MAX_PATCH_VALUES}, got {PPC}")
-    BLOCK = next_pow2(max(PPC, 16))
-    warps = 4 if BLOCK <= 1024 else 8
-    return PPC, BLOCK, warps
+def _tile(imgs: torch.Tensor, patch_size: int) -> dict:
+    """The kernels' compile-time tile: padded patch dims, patches per program, warps."""
+    C, P = imgs.shape[1], patch_size
+    P_PAD, C_PAD = next_pow2(P), next_pow2(C)
+    per_patch = P_PAD * P_PAD * C_PAD
+    if per_patch > _MAX_TILE:
+        raise ValueError(f"the triton patch_mse_loss handles next_pow2(patch_size)**2 * next_pow2(channels) <= "
+                         f"{_MAX_TILE} values per patch (patch_size <= 64 with 3 channels), got patch_size={P}, "
+                         f"channels={C}; use backend='torch'")
+    R = max(1, _TILE_ELEMS // per_patch)
+    return {"P": P, "C": C, "P_PAD": P_PAD, "C_PAD": C_PAD, "R": R,
+            "num_warps": 8 if R * per_patch >= 4096 else 4}
 
 
-def _num_patches(imgs: torch.Tensor, patch_size: int) -> int:
-    return (imgs.shape[2] // patch_size) * (imgs.shape[3] // patch_size)
+def _grid_size(total: int, R: int) -> int:
+    return max(1, triton.cdiv(total, R))  # at least one program: it also sums the mask
 
+
+def _geometry(imgs, patch_size):
+    """(WP, L): patches per image row and per image."""
+    WP = imgs.shape[3] // patch_size
+    return WP, (imgs.shape[2] // patch_size) * WP
+
+
+def _ids_or(pred_ids, dummy):
+    # A dummy pointer (never read) when HAS_IDS is False.
+    return pred_ids if pred_ids is not None else dummy
+
+
+@torch.library.custom_op("mae_fast::patch_mse_loss", mutates_args=())
+def _patch_mse_cop(pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor, pred_ids: Optional[torch.Tensor],
+                   patch_size: int, norm_pix_loss: bool, out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(loss, mask.sum())``: the loss ``()`` in ``out_dtype`` and the mask sum ``()`` fp32 (kept
+    for the backward). Two launches: per-program partial sums, then their fixed-order sum."""
+    N, M, _ = pred.shape
+    tile = _tile(imgs, patch_size)
+    WP, L = _geometry(imgs, patch_size)
+    grid = _grid_size(N * M, tile["R"])
+    mask_chunk = triton.cdiv(mask.numel(), grid)
+    part = torch.empty((grid, 2), dtype=torch.float32, device=pred.device)
+    ids = _ids_or(pred_ids, mask)
+    _patch_mse_fwd_kernel[(grid,)](
+        pred, imgs, mask, ids, part, N * M, M, L, WP, mask.numel(), mask_chunk,
+        *pred.stride(), *imgs.stride(), *mask.stride(), *ids.stride(),
+        MBLOCK=min(next_pow2(max(mask_chunk, 1)), 256), NORM=norm_pix_loss, EPS=NORM_PIX_EPS,
+        HAS_IDS=pred_ids is not None, WEIGHTED=True, **tile,
+    )
+    loss = torch.empty((), dtype=out_dtype, device=pred.device)
+    msum = torch.empty((), dtype=torch.float32, device=pred.device)
+    _patch_mse_finish_kernel[(1,)](part, grid, loss, msum, BLOCK=1024, num_warps=4)
+    return loss, msum
+
+
+@_patch_mse_cop.register_fake
+def _(pred, imgs, mask, pred_ids, patch_size, norm_pix_loss, out_dtype):
+    return pred.new_empty((), dtype=out_dtype), pred.new_empty((), dtype=torch.float32)
+
+
+def _launch_bwd(grad, pred, imgs, coef, pred_ids, msum, patch_size, norm_pix_loss, weighted):
+    N, M, PPC = pred.shape
+    dpred = torch.empty((N, M, PPC), dtype=pred.dtype, device=pred.device)
+    if dpred.numel():
+        tile = _tile(imgs, patch_size)
+        WP, L = _geometry(imgs, patch_size)
+        ids = _ids_or(pred_ids, coef)
+        _patch_mse_bwd_kernel[(_grid_size(N * M, tile["R"]),)](
+            pred, imgs, coef, ids, grad, msum, dpred, N * M, M, L, WP,
+            *pred.stride(), *imgs.stride(), *coef.stride(), *ids.stride(),
+            NORM=norm_pix_loss, EPS=NORM_PIX_EPS, HAS_IDS=pred_ids is not None, WEIGHTED=weighted, **tile,
+        )
+    return dpred
+
+
+@torch.library.custom_op("mae_fast::patch_mse_loss_backward", mutates_args=())
+def _patch_mse_bwd_cop(grad: torch.Tensor, pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor,
+                       pred_ids: Optional[torch.Tensor], msum: torch.Tensor, patch_size: int,
+                       norm_pix_loss: bool) -> torch.Tensor:
+    """d loss / d pred, one launch: ``grad`` and ``msum`` are read on the device."""
+    return _launch_bwd(grad, pred, imgs, mask, pred_ids, msum, patch_size, norm_pix_loss, weighted=True)
+
+
+@_patch_mse_bwd_cop.register_fake
+def _(grad, pred, imgs, mask, pred_ids, msum, patch_size, norm_pix_loss):
+    return torch.empty_like(pred, memory_format=torch.contiguous_format)
+
+
+def _patch_weights(mask: torch.Tensor, pred_ids: Optional[torch.Tensor]) -> torch.Tensor:
+    """``mask`` at the predicted patches, fp32 ``(N, M)``; 0 for an id outside ``[0, L)``."""
+    maskf = mask.to(torch.float32)
+    if pred_ids is None:
+        return maskf
+    in_range = (pred_ids >= 0) & (pred_ids < maskf.shape[1])
+    return torch.gather(maskf, 1, pred_ids.clamp(0, maskf.shape[1] - 1)) * in_range
+
+
+def _mse_setup(ctx, inputs, output):
+    pred, imgs, mask, pred_ids, patch_size, norm_pix_loss, out_dtype = inputs
+    ctx.save_for_backward(pred, imgs, mask, pred_ids, output[1])
+    ctx.patch_size = patch_size
+    ctx.norm_pix_loss = norm_pix_loss
+    ctx.mark_non_differentiable(output[1])
+
+
+def _mse_backward(ctx, grad, _grad_msum):
+    pred, imgs, mask, pred_ids, msum = ctx.saved_tensors
+    P, norm = ctx.patch_size, ctx.norm_pix_loss
+    dpred = dimgs = None
+    if ctx.needs_input_grad[0]:
+        dpred = _patch_mse_bwd_cop(grad, pred, imgs, mask, pred_ids, msum, P, norm)
+    if ctx.needs_input_grad[1]:
+        coef = _patch_weights(mask, pred_ids) * (grad.float() / msum)
+        dimgs = _imgs_grad(coef, pred, imgs, pred_ids, P, norm)
+    return dpred, dimgs, None, None, None, None, None
+
+
+_patch_mse_cop.register_autograd(_mse_backward, setup_context=_mse_setup)
+
+
+# Per-patch losses: only for a mask that requires grad (its gradient is taken by torch).
 
 @torch.library.custom_op("mae_fast::patch_mse_per_patch", mutates_args=())
-def _patch_loss_cop(pred: torch.Tensor, imgs: torch.Tensor, weight: torch.Tensor, pred_ids: Optional[torch.Tensor],
-                    patch_size: int, norm_pix_loss: bool, skip_zero: bool) -> torch.Tensor:
-    """Per-patch MSE ``(N, M)`` fp32 (0 where skipped)."""
+def _patch_loss_cop(pred: torch.Tensor, imgs: torch.Tensor, pred_ids: Optional[torch.Tensor],
+                    patch_size: int, norm_pix_loss: bool) -> torch.Tensor:
+    """Per-patch MSE ``(N, M)`` fp32, every patch read."""
     N, M, _ = pred.shape
-    PPC, BLOCK, warps = _launch_args(pred, imgs, patch_size)
     loss = torch.empty((N, M), dtype=torch.float32, device=pred.device)
     if loss.numel():
-        ids = pred_ids if pred_ids is not None else weight  # a dummy pointer when HAS_IDS=False
-        _patch_mse_fwd_kernel[(N * M,)](
-            pred, imgs, weight, ids, loss, M, PPC, imgs.shape[3] // patch_size, _num_patches(imgs, patch_size),
-            *pred.stride(), *imgs.stride(), *weight.stride(), *ids.stride(),
-            P=patch_size, C=imgs.shape[1], BLOCK=BLOCK, NORM=norm_pix_loss, EPS=NORM_PIX_EPS,
-            HAS_IDS=pred_ids is not None, SKIP_ZERO=skip_zero, num_warps=warps,
+        tile = _tile(imgs, patch_size)
+        WP, L = _geometry(imgs, patch_size)
+        ids = _ids_or(pred_ids, loss)
+        _patch_mse_fwd_kernel[(_grid_size(N * M, tile["R"]),)](
+            pred, imgs, loss, ids, loss, N * M, M, L, WP, 0, 0,
+            *pred.stride(), *imgs.stride(), *loss.stride(), *ids.stride(),
+            MBLOCK=1, NORM=norm_pix_loss, EPS=NORM_PIX_EPS, HAS_IDS=pred_ids is not None, WEIGHTED=False, **tile,
         )
     return loss
 
 
 @_patch_loss_cop.register_fake
-def _(pred, imgs, weight, pred_ids, patch_size, norm_pix_loss, skip_zero):
+def _(pred, imgs, pred_ids, patch_size, norm_pix_loss):
     return pred.new_empty(pred.shape[:2], dtype=torch.float32)
 
 
 @torch.library.custom_op("mae_fast::patch_mse_per_patch_backward", mutates_args=())
 def _patch_loss_bwd_cop(grad: torch.Tensor, pred: torch.Tensor, imgs: torch.Tensor, pred_ids: Optional[torch.Tensor],
                         patch_size: int, norm_pix_loss: bool) -> torch.Tensor:
-    N, M, _ = pred.shape
-    PPC, BLOCK, warps = _launch_args(pred, imgs, patch_size)
-    dpred = torch.empty((N, M, PPC), dtype=pred.dtype, device=pred.device)
-    if dpred.numel():
-        ids = pred_ids if pred_ids is not None else grad
-        _patch_mse_bwd_kernel[(N * M,)](
-            pred, imgs, grad, ids, dpred, M, PPC, imgs.shape[3] // patch_size, _num_patches(imgs, patch_size),
-            *pred.stride(), *imgs.stride(), *grad.stride(), *ids.stride(),
-            P=patch_size, C=imgs.shape[1], BLOCK=BLOCK, NORM=norm_pix_loss, EPS=NORM_PIX_EPS,
-            HAS_IDS=pred_ids is not None, num_warps=warps,
-        )
-    return dpred
+    return _launch_bwd(grad, pred, imgs, grad, pred_ids, grad, patch_size, norm_pix_loss, weighted=False)
 
 
 @_patch_loss_bwd_cop.register_fake
@@ -270,15 +436,29 @@ def _(grad, pred, imgs, pred_ids, patch_size, norm_pix_loss):
     return torch.empty_like(pred, memory_format=torch.contiguous_format)
 
 
-def _setup(ctx, inputs, output):
-    pred, imgs, weight, pred_ids, patch_size, norm_pix_loss, skip_zero = inputs
+def _per_patch_setup(ctx, inputs, output):
+    pred, imgs, pred_ids, patch_size, norm_pix_loss = inputs
     ctx.save_for_backward(pred, imgs, pred_ids)
     ctx.patch_size = patch_size
     ctx.norm_pix_loss = norm_pix_loss
 
 
-def _imgs_grad(grad, pred, imgs, pred_ids, P, norm):
-    """d loss / d imgs in torch (an unusual need: only when imgs requires grad). ``grad (N, M)``."""
+def _per_patch_backward(ctx, grad):
+    pred, imgs, pred_ids = ctx.saved_tensors
+    dpred = dimgs = None
+    if ctx.needs_input_grad[0]:
+        dpred = _patch_loss_bwd_cop(grad, pred, imgs, pred_ids, ctx.patch_size, ctx.norm_pix_loss)
+    if ctx.needs_input_grad[1]:
+        dimgs = _imgs_grad(grad, pred, imgs, pred_ids, ctx.patch_size, ctx.norm_pix_loss)
+    return dpred, dimgs, None, None, None
+
+
+_patch_loss_cop.register_autograd(_per_patch_backward, setup_context=_per_patch_setup)
+
+
+def _imgs_grad(coef, pred, imgs, pred_ids, P, norm):
+    """d loss / d imgs in torch (an unusual need: only when imgs requires grad), given
+    ``coef (N, M)`` = d loss / d (per-patch MSE)."""
     N, C, H, W = imgs.shape
     h, w = H // P, W // P
     u = patchify(imgs.float(), P)  # (N, L, PPC)
@@ -290,7 +470,7 @@ def _imgs_grad(grad, pred, imgs, pred_ids, P, norm):
         mean = u.mean(dim=-1, keepdim=True)
         s = (u.var(dim=-1, keepdim=True) + NORM_PIX_EPS).sqrt()
         t = (u - mean) / s
-    dt = -(2.0 / n_pix) * (pred.float() - t) * grad.float().unsqueeze(-1)
+    dt = -(2.0 / n_pix) * (pred.float() - t) * coef.float().unsqueeze(-1)
     if norm:
         # t = (u - mean) / s, s**2 = var + eps (unbiased): du = (dt - mean(dt) - t * sum(dt t)/(n-1)) / s
         dt = (dt - dt.mean(dim=-1, keepdim=True) - t * (dt * t).sum(dim=-1, keepdim=True) / (n_pix - 1)) / s
@@ -302,36 +482,19 @@ def _imgs_grad(grad, pred, imgs, pred_ids, P, norm):
     return dimgs.to(imgs.dtype)
 
 
-def _backward(ctx, grad):
-    pred, imgs, pred_ids = ctx.saved_tensors
-    dpred = dimgs = None
-    if ctx.needs_input_grad[0]:
-        dpred = _patch_loss_bwd_cop(grad, pred, imgs, pred_ids, ctx.patch_size, ctx.norm_pix_loss)
-    if ctx.needs_input_grad[1]:
-        dimgs = _imgs_grad(grad, pred, imgs, pred_ids, ctx.patch_size, ctx.norm_pix_loss)
-    # The weight's gradient is taken outside the op: loss = (per_patch * weight).sum() / mask.sum().
-    return dpred, dimgs, None, None, None, None, None
-
-
-_patch_loss_cop.register_autograd(_backward, setup_context=_setup)
-
-
 def _patch_mse_loss_triton(pred, imgs, mask, patch_size, norm_pix_loss, pred_ids=None):
-    """Per-patch losses (Triton, one read of pred and imgs at removed patches) then a fixed-order
-    masked mean in torch (deterministic)."""
+    """Two launches forward (per-program partial sums reading pred and imgs at the removed
+    patches only, then their fixed-order sum: deterministic), one backward. A mask that requires
+    grad takes the per-patch kernel and a torch reduction instead."""
     check_triton_dtypes(pred=pred, imgs=imgs)
     out_dtype = torch.promote_types(pred.dtype, imgs.dtype)
     if mask.is_floating_point():
         out_dtype = torch.promote_types(out_dtype, mask.dtype)
-    maskf = mask.to(torch.float32)
-    if pred_ids is None:
-        weight = maskf
-    else:  # an id outside [0, L) weighs 0 (no out-of-bounds gather; MAE_FAST_CHECK_IDS=1 reports it)
-        in_range = (pred_ids >= 0) & (pred_ids < maskf.shape[1])
-        weight = torch.gather(maskf, 1, pred_ids.clamp(0, maskf.shape[1] - 1)) * in_range
-    per_patch = _patch_loss_cop(pred, imgs, weight, pred_ids, patch_size, norm_pix_loss,
-                                not mask.requires_grad)
-    return ((per_patch * weight).sum() / maskf.sum()).to(out_dtype)
+    if mask.requires_grad:
+        per_patch = _patch_loss_cop(pred, imgs, pred_ids, patch_size, norm_pix_loss)
+        maskf = mask.to(torch.float32)
+        return ((per_patch * _patch_weights(maskf, pred_ids)).sum() / maskf.sum()).to(out_dtype)
+    return _patch_mse_cop(pred, imgs, mask, pred_ids, patch_size, norm_pix_loss, out_dtype)[0]
 
 
 patch_mse_loss_op.register("triton", _patch_mse_loss_triton, why_not_triton)

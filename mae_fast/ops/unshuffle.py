@@ -74,6 +74,7 @@ def unshuffle_mask_tokens(x, ids_restore, mask_token, pos_embed, *, backend=None
 # ============================================================================ Triton kernels
 
 _BWD_CHUNK = 16  # rows per program in the backward (partial sums of d mask_token per chunk)
+_BWD_TILE = 8192  # elements of g per backward program
 
 if HAS_TRITON:
 
@@ -126,28 +127,23 @@ if HAS_TRITON:
         ``part[n, chunk]`` (fp32), reduced afterwards in a fixed order (no atomics).
 
         ``g (N, 1+L, d)`` any strides; ``ids (N, L)`` int64; ``dx (N, 1+K, d)`` contiguous, every row
-        written once (ids a permutation); ``part (N, n_chunks, d)`` fp32. Grid
-        ``(N, cdiv(1+L, CHUNK), cdiv(d, BLOCK_D))``. Bytes: read ``N*(1+L)*d``, write
-        ``N*(1+K)*d`` + the partials (``N*(1+L)/CHUNK*d`` fp32).
+        written once (ids a permutation); ``part (N, n_chunks, d)`` fp32. One ``[CHUNK, BLOCK_D]``
+        tile of g per program, loaded at once; grid ``(N, n_chunks, cdiv(d, BLOCK_D))``. Bytes: read
+        ``N*(1+L)*d``, write ``N*(1+K)*d`` + the partials (``N*(1+L)/CHUNK*d`` fp32).
         """
         n = tl.program_id(0).to(tl.int64)
-        ch = tl.program_id(1).to(tl.int64)
+        r = tl.program_id(1).to(tl.int64) * CHUNK + tl.arange(0, CHUNK)
         dd = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
-        m = dd < d
-        acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-        for i in tl.static_range(CHUNK):  # unrolled: the loads of all rows can be in flight
-            r = ch * CHUNK + i
-            li = tl.minimum(tl.maximum(r - 1, 0), L - 1)
-            j = tl.load(ids_ptr + n * s_idn + li * s_idl).to(tl.int64)
-            j = tl.where(r == 0, -1, j)
-            rv = tl.zeros([BLOCK_D], dtype=tl.int64) + r
-            jv = tl.zeros([BLOCK_D], dtype=tl.int64) + j
-            valid = m & (rv <= L)
-            g = tl.load(g_ptr + n * s_gn + r * s_gl + dd * s_gd, mask=valid, other=0.0)
-            keep = valid & (jv < K) & ((rv == 0) | (jv >= 0))  # no store for an id outside [0, L)
-            tl.store(dx_ptr + (n * (K + 1) + j + 1) * d + dd, g.to(dx_ptr.dtype.element_ty), mask=keep)
-            acc += tl.where(valid & (jv >= K), g.to(tl.float32), 0.0)
-        tl.store(part_ptr + (n * n_chunks + ch) * d + dd, acc, mask=m)
+        in_rows = r <= L
+        j = tl.load(ids_ptr + n * s_idn + tl.maximum(r - 1, 0) * s_idl, mask=in_rows & (r > 0), other=-1).to(tl.int64)
+        m2 = in_rows[:, None] & (dd < d)[None, :]
+        g = tl.load(g_ptr + n * s_gn + r[:, None] * s_gl + dd[None, :] * s_gd, mask=m2, other=0.0)
+        # the cls row (r = 0, j = -1) goes to dx[n, 0]; an id outside [0, L) is stored nowhere
+        keep = (j < K) & ((r == 0) | (j >= 0))
+        tl.store(dx_ptr + ((n * (K + 1) + j + 1) * d)[:, None] + dd[None, :], g.to(dx_ptr.dtype.element_ty),
+                 mask=m2 & keep[:, None])
+        removed = tl.where(m2 & (j >= K)[:, None], g.to(tl.float32), 0.0)
+        tl.store(part_ptr + (n * n_chunks + tl.program_id(1)) * d + dd, tl.sum(removed, axis=0), mask=dd < d)
 
 
 def _out_dtype(x, mask_token, pos_embed):
@@ -190,7 +186,8 @@ def _unshuffle_bwd_cop(grad: torch.Tensor, ids_restore: torch.Tensor, num_kept: 
     dx = torch.empty((N, 1 + num_kept, d), dtype=x_dtype, device=grad.device)
     part = torch.empty((N, n_chunks, d), dtype=torch.float32, device=grad.device)
     if grad.numel():
-        BLOCK_D, warps = row_block(d, cap=1024)
+        BLOCK_D, _ = row_block(d, cap=_BWD_TILE // _BWD_CHUNK)
+        warps = 8 if _BWD_CHUNK * BLOCK_D >= 4096 else 4
         grid = (N, n_chunks, triton.cdiv(d, BLOCK_D))
         _unshuffle_bwd_kernel[grid](
             grad, ids_restore, dx, part, num_kept, L, d, n_chunks,
