@@ -62,7 +62,7 @@ elif [ "$HAS_CUDA" = 1 ]; then
 fi
 
 # 4. benchmarks: JSON per suite, merged into results.json below
-step bench_ops 100 $PY benchmarks/bench_ops.py --json "$OUTDIR/bench_ops.json"
+step bench_ops 120 $PY benchmarks/bench_ops.py --kernels --json "$OUTDIR/bench_ops.json"
 step bench_attention 100 $PY benchmarks/bench_attention.py --json "$OUTDIR/bench_attention.json"
 if [ "$HAS_CUDA" = 1 ]; then
   step model_vit_l 120 $PY -m mae_fast.cli bench --model mae_vit_large_patch16 --batch-size 256 \

@@ -159,13 +159,15 @@ def test_patch_mse_bool_mask(seed, masked_only):
     assert_close(torch.autograd.grad(loss, pred)[0], torch.autograd.grad(ref, pred)[0])
 
 
-def test_patch_mse_many_programs(seed):
-    """More patches than one program holds, and a mask sum split over the programs: every
-    program's share is counted once (N*L = 3*35 mask values over cdiv(105, 64) programs)."""
-    pred, imgs, mask, kw = make_inputs(3, 1, 2, 5, 7, 9, torch.float32)
-    check(pred, imgs, mask, 2, True, kw, torch.float32)
-    pred, imgs, mask, kw = make_inputs(3, 1, 2, 5, 7, 9, torch.float32, masked_only=True)
-    check(pred, imgs, mask, 2, False, kw, torch.float32)
+@pytest.mark.parametrize("masked_only", [False, True])
+def test_patch_mse_many_programs(seed, masked_only):
+    """Patches spread over several programs, the last one part-filled, and the mask sum split
+    between them: P=14, C=3 tiles hold 4 patches, so N*L = 18 rows take 5 programs."""
+    from mae_fast.ops.patch_mse import _tile
+
+    pred, imgs, mask, kw = make_inputs(3, 3, 14, 2, 3, 2, torch.float32, masked_only=masked_only)
+    assert _tile(imgs, 14)["R"] == 4
+    check(pred, imgs, mask, 14, True, kw, torch.float32)
 
 
 @pytest.mark.parametrize("masked_only", [False, True])
