@@ -32,6 +32,12 @@ def main() -> None:
         for norm_pix in (False, True):
             loss = ops.patch_mse_loss(pred, imgs.detach(), mask, P, norm_pix, backend="triton")
             loss.backward(retain_graph=True)
+        # pred of the removed patches only, a bool mask, and a mask that requires grad (per-patch path)
+        removed = ids_shuffle[:, K:]
+        pred_m = torch.randn(N, L - K, P * P * C, device=dev, dtype=dtype, requires_grad=True)
+        ops.patch_mse_loss(pred_m, imgs.detach(), mask.bool(), P, True, pred_ids=removed, backend="triton").backward()
+        ops.patch_mse_loss(pred_m, imgs.detach(), mask.clone().requires_grad_(), P, True, pred_ids=removed,
+                           backend="triton").backward()
     torch.cuda.synchronize()
     print("all kernels ran")
 
