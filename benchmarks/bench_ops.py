@@ -58,13 +58,17 @@ def graphed(fn):
             fn()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    # Our own stream context around the capture: if the capture fails, the stream that was
+    # current before is restored even though torch.cuda.graph's exit raised first.
+    with torch.cuda.stream(side), torch.cuda.graph(graph, stream=side):
         fn()
     return graph.replay
 
 
 def kernel_times(fn, reps: int = 10) -> dict:
-    """GPU time per call of each kernel ``fn`` launches (microseconds), from torch.profiler."""
+    """GPU time per call of each kernel ``fn`` launches (microseconds), from torch.profiler: a
+    breakdown of where a row's time goes, run back to back with a warm L2 (so not comparable to
+    ``gpu ms``, which flushes L2 before each run)."""
     from torch.profiler import ProfilerActivity, profile
 
     fn()

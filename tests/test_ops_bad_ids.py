@@ -44,3 +44,22 @@ def test_unshuffle_and_loss_with_bad_ids_stay_in_bounds(seed):
                               backend="triton")
     loss.backward()
     assert torch.isfinite(loss) and torch.all(pred.grad[0, 1] == 0) and torch.all(pred.grad[1, 0] == 0)
+
+
+def test_loss_imgs_grad_with_bad_ids(seed):
+    """With imgs requiring grad too (its gradient is taken in torch), a bad id still weighs 0:
+    no out-of-bounds gather or scatter, and imgs get the gradient of the valid patches only."""
+    imgs = torch.randn(N, C, h * P, w * P, device=DEV, requires_grad=True)
+    pred = torch.randn(N, 2, P * P * C, device=DEV, requires_grad=True)
+    bad = torch.tensor([[0, FAR], [-3, 1]], device=DEV)
+    mask = torch.ones(N, L, device=DEV)
+    ops.patch_mse_loss(pred, imgs, mask, P, True, pred_ids=bad, backend="triton").backward()
+    # the same loss as the valid patches alone, zero-weighted others: pred rows of the bad ids set to 0
+    keep = torch.tensor([[1.0, 0.0], [0.0, 1.0]], device=DEV)
+    imgs2, pred2 = imgs.detach().clone().requires_grad_(), pred.detach().clone().requires_grad_()
+    good = torch.tensor([[0, 2], [4, 1]], device=DEV)  # any valid, distinct ids for the dropped rows
+    weights = torch.zeros(N, L, device=DEV).scatter_(1, good, keep)
+    ref = ops.patch_mse_loss(pred2, imgs2, weights, P, True, pred_ids=good, backend="torch") * weights.sum() / mask.sum()
+    ref.backward()
+    torch.testing.assert_close(imgs.grad, imgs2.grad)
+    torch.testing.assert_close(pred.grad, pred2.grad)

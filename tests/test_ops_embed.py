@@ -293,3 +293,14 @@ def test_embed_keep_none(seed):
     ids = ids[:, :0]
     out = ops.embed_visible_patches(imgs, ids, weight, bias, pos, cls, backend="triton")
     assert_close(out, ops.embed_visible_patches(imgs, ids, weight, bias, pos, cls, backend="torch"))
+
+
+def test_embed_declines_for_auto():
+    """A dtype the kernels do not take is declined, so that backend='auto' uses the reference."""
+    from mae_fast.ops.embed import _embed_declines, _gather_declines
+
+    imgs, ids = torch.randn(1, 3, 8, 8), torch.tensor([[0, 3]])
+    args = (torch.randn(4, 3, 4, 4), torch.randn(4), torch.randn(1, 5, 4), torch.randn(1, 1, 4))
+    assert _embed_declines(imgs, ids, *args) is None and _gather_declines(imgs, ids, 4) is None
+    assert "imgs must be float32" in _embed_declines(imgs.double(), ids, *args)
+    assert "imgs must be float32" in _gather_declines(imgs.double(), ids, 4)

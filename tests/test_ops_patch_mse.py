@@ -170,6 +170,45 @@ def test_patch_mse_many_programs(seed, masked_only):
     check(pred, imgs, mask, 14, True, kw, torch.float32)
 
 
+def test_patch_mse_no_predicted_patch(seed):
+    """pred_ids with no column (M = 0): the loss is 0, as the reference's empty sum over mask.sum()."""
+    pred, imgs, mask, kw = make_inputs(2, 3, 4, 2, 3, 2, torch.float32)
+    empty = torch.empty(2, 0, dtype=torch.long, device=DEV)
+    pred0 = pred[:, :0].detach().requires_grad_()
+    loss = ops.patch_mse_loss(pred0, imgs, mask, 4, True, pred_ids=empty, backend="triton")
+    assert loss.item() == 0.0 == ops.patch_mse_loss(pred0, imgs, mask, 4, True, pred_ids=empty, backend="torch").item()
+    assert torch.autograd.grad(loss, pred0)[0].shape == pred0.shape
+
+
+def test_patch_mse_large_image_offsets(seed, tmp_path):
+    """Image offsets past 2**31 elements (a row stride of 2**28 + 1024 times P = 16 rows): 64-bit
+    arithmetic. The image is a strided view of a sparse file, so nothing large is allocated."""
+    P, s_ih = 16, 2 ** 28 + 1024
+    n = (2 * P - 1) * s_ih + P
+    path = tmp_path / "sparse.bin"
+    with open(path, "wb") as f:
+        f.truncate(n * 2)
+    imgs = torch.from_file(str(path), shared=True, size=n, dtype=torch.float16).as_strided((1, 1, 2 * P, P), (n, n, s_ih, 1))
+    imgs.copy_(torch.randn(1, 1, 2 * P, P).half())
+    pred = torch.randn(1, 2, P * P, dtype=torch.float16)
+    mask = torch.tensor([[0.0, 1.0]])
+    dense = imgs.contiguous()
+    assert_close(ops.patch_mse_loss(pred, imgs, mask, P, True, backend="triton"),
+                 ops.patch_mse_loss(pred.float(), dense.float(), mask, P, True, backend="torch"), torch.float16)
+
+
+def test_patch_mse_patch_too_large_for_one_program():
+    """A patch the kernels' tile cannot hold: backend='triton' says so; 'auto' is told to decline it."""
+    from mae_fast.ops.patch_mse import _declines
+
+    pred, imgs, mask, _ = make_inputs(1, 5, 64, 1, 1, 0, torch.float32)
+    with pytest.raises(ValueError, match="patch_size=64, channels=5; backend='torch' takes any size"):
+        ops.patch_mse_loss(pred, imgs, mask, 64, True, backend="triton")
+    assert "patch_size=64" in _declines(pred, imgs, mask, 64, True)
+    assert "float32, float16 or bfloat16" in _declines(pred.double(), imgs, mask, 64, True)
+    assert _declines(*make_inputs(1, 3, 16, 1, 1, 0, torch.float32)[:3], 16, True) is None
+
+
 @pytest.mark.parametrize("masked_only", [False, True])
 def test_patch_mse_torch_compile_fullgraph(seed, masked_only):
     pred, imgs, mask, kw = make_inputs(2, 3, 2, 2, 3, 2, torch.float32, masked_only=masked_only)

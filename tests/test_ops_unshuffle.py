@@ -170,3 +170,12 @@ for dt in ("fp32", "fp16", "bf16"):
     c(m._unshuffle_fwd_kernel, {"x_ptr": "*" + dt, "ids_ptr": "*i64", "mt_ptr": "*fp32", "pos_ptr": "*" + dt, "out_ptr": "*" + dt}, {"ROWS": 8, "BLOCK_D": 512}); n += 1
     c(m._unshuffle_bwd_kernel, {"g_ptr": "*" + dt, "ids_ptr": "*i64", "dx_ptr": "*" + dt, "part_ptr": "*fp32"}, {"CHUNK": 16, "BLOCK_D": 512}, num_warps=8, aligned=("g_ptr", "dx_ptr", "d", "s_gn", "s_gl")); n += 1
 """
+
+
+def test_unshuffle_declines_for_auto():
+    """A dtype the kernels do not take is declined, so that backend='auto' uses the reference."""
+    from mae_fast.ops.unshuffle import _declines
+
+    x, ids, mt, pos = torch.randn(2, 3, 8), torch.randperm(4).repeat(2, 1), torch.randn(1, 1, 8), torch.randn(1, 5, 8)
+    assert _declines(x, ids, mt, pos) is None
+    assert "x must be float32, float16 or bfloat16" in _declines(x.double(), ids, mt, pos)

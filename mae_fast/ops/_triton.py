@@ -95,12 +95,20 @@ def check_float(t: torch.Tensor, name: str) -> None:
         raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
 
 
-def check_triton_dtypes(**tensors: torch.Tensor) -> None:
-    """The Triton kernels take float32, float16 and bfloat16."""
+def triton_dtype_problem(**tensors: torch.Tensor) -> str | None:
+    """Why the Triton kernels do not take these tensors' dtypes (float32, float16 and bfloat16
+    only), or None."""
     for name, t in tensors.items():
         if t.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"{name} must be float32, float16 or bfloat16 for the triton backend, got {t.dtype} "
-                            f"(backend='torch' runs any floating dtype)")
+            return (f"{name} must be float32, float16 or bfloat16 for the triton backend, got {t.dtype} "
+                    f"(backend='torch' runs any floating dtype)")
+    return None
+
+
+def check_triton_dtypes(**tensors: torch.Tensor) -> None:
+    problem = triton_dtype_problem(**tensors)
+    if problem is not None:
+        raise TypeError(problem)
 
 
 def check_ids(t: torch.Tensor, name: str) -> None:

@@ -24,6 +24,7 @@ from ._triton import (
     rows_block,
     triton,
     tl,
+    triton_dtype_problem,
     why_not_triton,
 )
 
@@ -173,6 +174,8 @@ if HAS_TRITON:
         q = r % P
         m2 = rmask[:, None] & (j < CPP)[None, :]
         m_img = m2 & id_ok[:, None]
+        p = p.to(tl.int64)  # p * s_ih can pass 2**31 in a large strided image
+        q = q.to(tl.int64)
         img_off = ((n * s_in)[:, None] + (c * s_ic)[None, :] + (hi * P)[:, None] * s_ih + p[None, :] * s_ih
                    + (wi * P)[:, None] * s_iw + q[None, :] * s_iw)
         pat_off = (n * s_pn + k * s_pk)[:, None] + j.to(tl.int64)[None, :] * s_pj
@@ -378,5 +381,13 @@ def _embed_visible_patches_triton(imgs, ids_keep, weight, bias, pos_embed, cls_t
     return _embed_epilogue_cop(y.view(N, K, D), ids_keep, bias, pos_embed, cls_token)
 
 
-gather_patches_op.register("triton", _gather_patches_triton, why_not_triton)
-embed_visible_patches_op.register("triton", _embed_visible_patches_triton, why_not_triton)
+def _gather_declines(imgs, ids_keep, patch_size):
+    return triton_dtype_problem(imgs=imgs)
+
+
+def _embed_declines(imgs, ids_keep, weight, bias, pos_embed, cls_token):
+    return triton_dtype_problem(imgs=imgs, weight=weight, bias=bias, pos_embed=pos_embed, cls_token=cls_token)
+
+
+gather_patches_op.register("triton", _gather_patches_triton, why_not_triton, _gather_declines)
+embed_visible_patches_op.register("triton", _embed_visible_patches_triton, why_not_triton, _embed_declines)

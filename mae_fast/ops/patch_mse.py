@@ -19,6 +19,7 @@ from ._triton import (
     next_pow2,
     tl,
     triton,
+    triton_dtype_problem,
     why_not_triton,
 )
 from .patches import patchify
@@ -155,8 +156,8 @@ if HAS_TRITON:
         c = tl.arange(0, C_PAD)[None, :, None, None]
         p = tl.arange(0, P_PAD)[None, None, :, None]
         q = tl.arange(0, P_PAD)[None, None, None, :]
-        base = n * s_in + (l // WP) * (P * s_ih) + (l % WP) * (P * s_iw)
-        off = base[:, None, None, None] + c.to(tl.int64) * s_ic + p.to(tl.int64) * s_ih + q * s_iw
+        base = n * s_in + (l // WP) * P * s_ih + (l % WP) * P * s_iw  # l is int64: no 32-bit product
+        off = base[:, None, None, None] + c.to(tl.int64) * s_ic + p.to(tl.int64) * s_ih + q.to(tl.int64) * s_iw
         m = live[:, None, None, None] & (c < C) & (p < P) & (q < P)
         raw = tl.load(img_ptr + off, mask=m, other=0.0)
         t = tl.permute(raw, (0, 2, 3, 1)).to(tl.float32)  # transposed in the input dtype: half the bytes
@@ -282,15 +283,23 @@ if HAS_TRITON:
                  mask=in_rows[:, None, None, None] & inside)
 
 
+def _tile_problem(channels: int, patch_size: int) -> str | None:
+    """Why one program cannot hold a patch of this size, or None."""
+    if next_pow2(patch_size) ** 2 * next_pow2(channels) > _MAX_TILE:
+        return (f"the triton patch_mse_loss handles next_pow2(patch_size)**2 * next_pow2(channels) <= {_MAX_TILE} "
+                f"values per patch (patch_size <= 64 with 3 channels), got patch_size={patch_size}, "
+                f"channels={channels}; backend='torch' takes any size")
+    return None
+
+
 def _tile(imgs: torch.Tensor, patch_size: int) -> dict:
     """The kernels' compile-time tile: padded patch dims, patches per program, warps."""
     C, P = imgs.shape[1], patch_size
+    problem = _tile_problem(C, P)
+    if problem is not None:
+        raise ValueError(problem)
     P_PAD, C_PAD = next_pow2(P), next_pow2(C)
     per_patch = P_PAD * P_PAD * C_PAD
-    if per_patch > _MAX_TILE:
-        raise ValueError(f"the triton patch_mse_loss handles next_pow2(patch_size)**2 * next_pow2(channels) <= "
-                         f"{_MAX_TILE} values per patch (patch_size <= 64 with 3 channels), got patch_size={P}, "
-                         f"channels={C}; use backend='torch'")
     R = max(1, _TILE_ELEMS // per_patch)
     return {"P": P, "C": C, "P_PAD": P_PAD, "C_PAD": C_PAD, "R": R,
             "num_warps": 8 if R * per_patch >= 4096 else 4}
@@ -323,8 +332,8 @@ def _patch_mse_cop(pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor, p
     mask_chunk = triton.cdiv(mask.numel(), grid)
     part = torch.empty((grid, 2), dtype=torch.float32, device=pred.device)
     ids = _ids_or(pred_ids, mask)
-    _patch_mse_fwd_kernel[(grid,)](
-        pred, imgs, mask, ids, part, N * M, M, L, WP, mask.numel(), mask_chunk,
+    _patch_mse_fwd_kernel[(grid,)](  # max(M, 1): with M = 0 one program still runs (no row), no division by 0
+        pred, imgs, mask, ids, part, N * M, max(M, 1), L, WP, mask.numel(), mask_chunk,
         *pred.stride(), *imgs.stride(), *mask.stride(), *ids.stride(),
         MBLOCK=min(next_pow2(max(mask_chunk, 1)), 256), NORM=norm_pix_loss, EPS=NORM_PIX_EPS,
         HAS_IDS=pred_ids is not None, WEIGHTED=True, **tile,
@@ -463,6 +472,10 @@ def _imgs_grad(coef, pred, imgs, pred_ids, P, norm):
     h, w = H // P, W // P
     u = patchify(imgs.float(), P)  # (N, L, PPC)
     if pred_ids is not None:
+        # an id outside [0, L) weighs 0, as in the kernels: clamp it for the gather, zero its row
+        in_range = (pred_ids >= 0) & (pred_ids < h * w)
+        coef = coef * in_range
+        pred_ids = pred_ids.clamp(0, h * w - 1)
         u = torch.gather(u, 1, pred_ids.unsqueeze(-1).expand(-1, -1, u.shape[-1]))
     n_pix = u.shape[-1]
     t = u
@@ -476,7 +489,8 @@ def _imgs_grad(coef, pred, imgs, pred_ids, P, norm):
         dt = (dt - dt.mean(dim=-1, keepdim=True) - t * (dt * t).sum(dim=-1, keepdim=True) / (n_pix - 1)) / s
     if pred_ids is not None:
         full = dt.new_zeros((N, h * w, n_pix))
-        full.scatter_(1, pred_ids.unsqueeze(-1).expand(-1, -1, n_pix), dt)  # ids distinct: no collision
+        # ids distinct in range; a clamped one adds a zero row: the same sum in any order
+        full.scatter_add_(1, pred_ids.unsqueeze(-1).expand(-1, -1, n_pix), dt)
         dt = full
     dimgs = dt.reshape(N, h, w, P, P, C).permute(0, 5, 1, 3, 2, 4).reshape(N, C, H, W)
     return dimgs.to(imgs.dtype)
@@ -497,4 +511,8 @@ def _patch_mse_loss_triton(pred, imgs, mask, patch_size, norm_pix_loss, pred_ids
     return _patch_mse_cop(pred, imgs, mask, pred_ids, patch_size, norm_pix_loss, out_dtype)[0]
 
 
-patch_mse_loss_op.register("triton", _patch_mse_loss_triton, why_not_triton)
+def _declines(pred, imgs, mask, patch_size, norm_pix_loss, pred_ids=None):
+    return triton_dtype_problem(pred=pred, imgs=imgs) or _tile_problem(imgs.shape[1], patch_size)
+
+
+patch_mse_loss_op.register("triton", _patch_mse_loss_triton, why_not_triton, _declines)

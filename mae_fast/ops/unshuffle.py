@@ -18,6 +18,7 @@ from ._triton import (
     rows_block,
     tl,
     triton,
+    triton_dtype_problem,
     why_not_triton,
 )
 
@@ -235,4 +236,8 @@ def _unshuffle_mask_tokens_triton(x, ids_restore, mask_token, pos_embed):
     return _unshuffle_cop(x, ids_restore, mask_token, pos_embed)
 
 
-unshuffle_mask_tokens_op.register("triton", _unshuffle_mask_tokens_triton, why_not_triton)
+def _declines(x, ids_restore, mask_token, pos_embed):
+    return triton_dtype_problem(x=x, mask_token=mask_token, pos_embed=pos_embed)
+
+
+unshuffle_mask_tokens_op.register("triton", _unshuffle_mask_tokens_triton, why_not_triton, _declines)
