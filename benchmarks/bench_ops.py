@@ -44,7 +44,6 @@ def copy_bandwidth(do_bench) -> float:
     src = torch.empty(n, dtype=torch.bfloat16, device="cuda").normal_()
     dst = torch.empty_like(src)
     t = do_bench(lambda: dst.copy_(src))
-    del src, dst
     return 2 * n * 2 / (t * 1e-3)
 
 

@@ -147,12 +147,18 @@ if HAS_TRITON:
         return (p * P + q) * C + c, (p < P) & (q < P) & (c < C)
 
     @triton.jit
-    def _patch_targets(img_ptr, n, l, live, WP, s_in, s_ic, s_ih, s_iw,
+    def _sum_patch(x):
+        """``[R, a, b, c]`` -> ``[R]``: the sum over each patch's tile."""
+        return tl.sum(tl.sum(tl.sum(x, axis=3), axis=2), axis=1)
+
+    @triton.jit
+    def _patch_targets(img_ptr, n, l, live, inside, WP, s_in, s_ic, s_ih, s_iw,
                        P: tl.constexpr, C: tl.constexpr, P_PAD: tl.constexpr, C_PAD: tl.constexpr,
                        NORM: tl.constexpr, EPS: tl.constexpr):
         """The targets of patches ``l`` of images ``n`` (``[R]`` each; rows where ``live`` is False
-        are not read): ``[R, P_PAD, P_PAD, C_PAD]`` fp32 in pred's order, zero on padding,
-        normalised per patch if NORM (unbiased variance, as ``torch.var``)."""
+        are not read): ``[R, P_PAD, P_PAD, C_PAD]`` fp32 in pred's order, zero on padding
+        (``inside`` False, see :func:`_pred_offsets`), normalised per patch if NORM (unbiased
+        variance, as ``torch.var``)."""
         c = tl.arange(0, C_PAD)[None, :, None, None]
         p = tl.arange(0, P_PAD)[None, None, :, None]
         q = tl.arange(0, P_PAD)[None, None, None, :]
@@ -163,10 +169,9 @@ if HAS_TRITON:
         t = tl.permute(raw, (0, 2, 3, 1)).to(tl.float32)  # transposed in the input dtype: half the bytes
         if NORM:
             n_pix = P * P * C
-            mean = tl.sum(tl.sum(tl.sum(t, axis=3), axis=2), axis=1) / n_pix
-            _, inside = _pred_offsets(P, C, P_PAD, C_PAD)
+            mean = _sum_patch(t) / n_pix
             diff = tl.where(inside, t - mean[:, None, None, None], 0.0)
-            var = tl.sum(tl.sum(tl.sum(diff * diff, axis=3), axis=2), axis=1) / (n_pix - 1)
+            var = _sum_patch(diff * diff) / (n_pix - 1)
             t = tl.div_rn(diff, tl.sqrt_rn(var + EPS)[:, None, None, None])
         return t
 
@@ -179,7 +184,7 @@ if HAS_TRITON:
         ``live`` and on padding; also ``j`` and ``inside`` (see :func:`_pred_offsets`)."""
         j, inside = _pred_offsets(P, C, P_PAD, C_PAD)
         m = live[:, None, None, None] & inside
-        t = _patch_targets(img_ptr, n, l, live, WP, s_in, s_ic, s_ih, s_iw, P, C, P_PAD, C_PAD, NORM, EPS)
+        t = _patch_targets(img_ptr, n, l, live, inside, WP, s_in, s_ic, s_ih, s_iw, P, C, P_PAD, C_PAD, NORM, EPS)
         x = tl.load(pred_ptr + (n * s_pn + mi * s_pm)[:, None, None, None] + j.to(tl.int64) * s_pj,
                     mask=m, other=0.0).to(tl.float32)
         return tl.where(m, x - t, 0.0), j, inside
@@ -222,9 +227,9 @@ if HAS_TRITON:
             live = ok
         e, _, _ = _patch_errors(pred_ptr, img_ptr, n, mi, l, live, WP, s_pn, s_pm, s_pj, s_in, s_ic, s_ih, s_iw,
                                 P, C, P_PAD, C_PAD, NORM, EPS)
-        per_patch = tl.sum(tl.sum(tl.sum(e * e, axis=3), axis=2), axis=1) / (P * P * C)
+        per_patch = _sum_patch(e * e) / (P * P * C)
         if WEIGHTED:
-            tl.store(out_ptr + 2 * pid, tl.sum(tl.where(live, per_patch * w, 0.0), axis=0))
+            tl.store(out_ptr + 2 * pid, tl.sum(per_patch * w, axis=0))  # 0 * 0 for a row not read
             acc = tl.zeros([MBLOCK], dtype=tl.float32)
             for i in range(0, mask_chunk, MBLOCK):
                 k = i + tl.arange(0, MBLOCK)
@@ -320,27 +325,37 @@ def _ids_or(pred_ids, dummy):
     return pred_ids if pred_ids is not None else dummy
 
 
+def _launch_fwd(pred, imgs, mask, pred_ids, patch_size, norm_pix_loss, weighted):
+    """The forward kernel. Returns, fp32, the per-program partial sums ``(grid, 2)`` if
+    ``weighted``, else the per-patch losses ``(N, M)`` (``mask`` is then not read)."""
+    N, M, _ = pred.shape
+    tile = _tile(imgs, patch_size)
+    WP, L = _geometry(imgs, patch_size)
+    grid = _grid_size(N * M, tile["R"])
+    out = torch.empty((grid, 2) if weighted else (N, M), dtype=torch.float32, device=pred.device)
+    if not weighted:
+        mask = out  # a 2-D dummy, never read
+    mask_total = mask.numel() if weighted else 0
+    mask_chunk = triton.cdiv(mask_total, grid)
+    ids = _ids_or(pred_ids, mask)
+    _patch_mse_fwd_kernel[(grid,)](  # max(M, 1): with M = 0 one program still runs (no row), no division by 0
+        pred, imgs, mask, ids, out, N * M, max(M, 1), L, WP, mask_total, mask_chunk,
+        *pred.stride(), *imgs.stride(), *mask.stride(), *ids.stride(),
+        MBLOCK=min(next_pow2(max(mask_chunk, 1)), 256), NORM=norm_pix_loss, EPS=NORM_PIX_EPS,
+        HAS_IDS=pred_ids is not None, WEIGHTED=weighted, **tile,
+    )
+    return out
+
+
 @torch.library.custom_op("mae_fast::patch_mse_loss", mutates_args=())
 def _patch_mse_cop(pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor, pred_ids: Optional[torch.Tensor],
                    patch_size: int, norm_pix_loss: bool, out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """``(loss, mask.sum())``: the loss ``()`` in ``out_dtype`` and the mask sum ``()`` fp32 (kept
     for the backward). Two launches: per-program partial sums, then their fixed-order sum."""
-    N, M, _ = pred.shape
-    tile = _tile(imgs, patch_size)
-    WP, L = _geometry(imgs, patch_size)
-    grid = _grid_size(N * M, tile["R"])
-    mask_chunk = triton.cdiv(mask.numel(), grid)
-    part = torch.empty((grid, 2), dtype=torch.float32, device=pred.device)
-    ids = _ids_or(pred_ids, mask)
-    _patch_mse_fwd_kernel[(grid,)](  # max(M, 1): with M = 0 one program still runs (no row), no division by 0
-        pred, imgs, mask, ids, part, N * M, max(M, 1), L, WP, mask.numel(), mask_chunk,
-        *pred.stride(), *imgs.stride(), *mask.stride(), *ids.stride(),
-        MBLOCK=min(next_pow2(max(mask_chunk, 1)), 256), NORM=norm_pix_loss, EPS=NORM_PIX_EPS,
-        HAS_IDS=pred_ids is not None, WEIGHTED=True, **tile,
-    )
+    part = _launch_fwd(pred, imgs, mask, pred_ids, patch_size, norm_pix_loss, weighted=True)
     loss = torch.empty((), dtype=out_dtype, device=pred.device)
     msum = torch.empty((), dtype=torch.float32, device=pred.device)
-    _patch_mse_finish_kernel[(1,)](part, grid, loss, msum, BLOCK=1024, num_warps=4)
+    _patch_mse_finish_kernel[(1,)](part, part.shape[0], loss, msum, BLOCK=1024, num_warps=4)
     return loss, msum
 
 
@@ -415,18 +430,7 @@ _patch_mse_cop.register_autograd(_mse_backward, setup_context=_mse_setup)
 def _patch_loss_cop(pred: torch.Tensor, imgs: torch.Tensor, pred_ids: Optional[torch.Tensor],
                     patch_size: int, norm_pix_loss: bool) -> torch.Tensor:
     """Per-patch MSE ``(N, M)`` fp32, every patch read."""
-    N, M, _ = pred.shape
-    loss = torch.empty((N, M), dtype=torch.float32, device=pred.device)
-    if loss.numel():
-        tile = _tile(imgs, patch_size)
-        WP, L = _geometry(imgs, patch_size)
-        ids = _ids_or(pred_ids, loss)
-        _patch_mse_fwd_kernel[(_grid_size(N * M, tile["R"]),)](
-            pred, imgs, loss, ids, loss, N * M, M, L, WP, 0, 0,
-            *pred.stride(), *imgs.stride(), *loss.stride(), *ids.stride(),
-            MBLOCK=1, NORM=norm_pix_loss, EPS=NORM_PIX_EPS, HAS_IDS=pred_ids is not None, WEIGHTED=False, **tile,
-        )
-    return loss
+    return _launch_fwd(pred, imgs, None, pred_ids, patch_size, norm_pix_loss, weighted=False)
 
 
 @_patch_loss_cop.register_fake
@@ -467,15 +471,13 @@ _patch_loss_cop.register_autograd(_per_patch_backward, setup_context=_per_patch_
 
 def _imgs_grad(coef, pred, imgs, pred_ids, P, norm):
     """d loss / d imgs in torch (an unusual need: only when imgs requires grad), given
-    ``coef (N, M)`` = d loss / d (per-patch MSE)."""
+    ``coef (N, M)`` = d loss / d (per-patch MSE), 0 at an id outside ``[0, L)`` (both callers
+    weigh such patches by :func:`_patch_weights`)."""
     N, C, H, W = imgs.shape
     h, w = H // P, W // P
     u = patchify(imgs.float(), P)  # (N, L, PPC)
     if pred_ids is not None:
-        # an id outside [0, L) weighs 0, as in the kernels: clamp it for the gather, zero its row
-        in_range = (pred_ids >= 0) & (pred_ids < h * w)
-        coef = coef * in_range
-        pred_ids = pred_ids.clamp(0, h * w - 1)
+        pred_ids = pred_ids.clamp(0, h * w - 1)  # an out-of-range id (coef 0) must still index in bounds
         u = torch.gather(u, 1, pred_ids.unsqueeze(-1).expand(-1, -1, u.shape[-1]))
     n_pix = u.shape[-1]
     t = u
