@@ -216,6 +216,67 @@ __device__ __forceinline__ float quad_sum(float x) {
   return x + __shfl_xor_sync(0xffffffffu, x, 2);
 }
 
+// A warp's 16 x (NT * 8) tile of fp32 accumulators in the mma16816 C layout: thread (lane) holds
+// rows lane / 4 (elements 0, 1) and lane / 4 + 8 (elements 2, 3), columns 8 * nt + (lane % 4) * 2 + {0, 1}.
+template <int NT>
+__device__ __forceinline__ void zero_acc(float (&c)[NT][4]) {
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) c[nt][0] = c[nt][1] = c[nt][2] = c[nt][3] = 0.f;
+}
+
+// c += A B^T over K columns: A is rows r0..r0+15 of sA, B rows 0..NT*8-1 of sB, both row-major in
+// shared memory with the same pitch.
+template <typename T, int NT, int K>
+__device__ __forceinline__ void mma_abt(float (&c)[NT][4], const T* sA, const T* sB, int pitch, int r0, int lane) {
+#pragma unroll
+  for (int kc = 0; kc < K / 16; ++kc) {
+    uint32_t a[4];
+    load_a(a, sA, pitch, r0, kc * 16, lane);
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      uint32_t b0, b1;
+      load_b_rows(b0, b1, sB, pitch, nt * 8, kc * 16, lane);
+      mma16816<T>(c[nt], a, b0, b1);
+    }
+  }
+}
+
+// c += A B where A is the warp's accumulator tile `acc` (16 x NTA*8, rounded to T: the C layout
+// of one mma is the A layout of the next) and B is rows 0..NTA*8-1 of sB (row-major, ND*8 wide).
+template <typename T, int NTA, int ND>
+__device__ __forceinline__ void mma_acc_b(float (&c)[ND][4], const float (&acc)[NTA][4], const T* sB, int pitch,
+                                          int lane) {
+#pragma unroll
+  for (int kc = 0; kc < NTA / 2; ++kc) {
+    const uint32_t a[4] = {pack2<T>(acc[2 * kc][0], acc[2 * kc][1]), pack2<T>(acc[2 * kc][2], acc[2 * kc][3]),
+                           pack2<T>(acc[2 * kc + 1][0], acc[2 * kc + 1][1]),
+                           pack2<T>(acc[2 * kc + 1][2], acc[2 * kc + 1][3])};
+#pragma unroll
+    for (int dt = 0; dt < ND; ++dt) {
+      uint32_t b0, b1;
+      load_b_cols(b0, b1, sB, pitch, kc * 16, dt * 8, lane);
+      mma16816<T>(c[dt], a, b0, b1);
+    }
+  }
+}
+
+// Rows row0 + lane / 4 and row0 + lane / 4 + 8 of the warp's 16 x ND*8 accumulator tile, those < N,
+// times scale0 / scale1, into row-major global rows of `stride` elements.
+template <typename T, int ND>
+__device__ __forceinline__ void store_acc_rows(T* g, int64_t stride, int row0, int N, const float (&c)[ND][4],
+                                               float scale0, float scale1, int lane) {
+  const float scale[2] = {scale0, scale1};
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = row0 + lane / 4 + 8 * r;
+    if (row >= N) continue;
+    T* dst = g + row * stride + (lane % 4) * 2;
+#pragma unroll
+    for (int dt = 0; dt < ND; ++dt)
+      *reinterpret_cast<uint32_t*>(dst + dt * 8) = pack2<T>(c[dt][2 * r] * scale[r], c[dt][2 * r + 1] * scale[r]);
+  }
+}
+
 // CTA index -> (batch, head, 64-row block). Flattened into blockIdx.x (limit 2**31 - 1) so
 // that B * H is not bound by gridDim.y/z's 65535.
 struct TileIndex {
@@ -276,8 +337,7 @@ __global__ void __launch_bounds__(kThreads, MinCtas<D>::kFwd) attention_fwd_kern
   for (int kc = 0; kc < D / 16; ++kc) load_a(qf[kc], sQ, P, warp * 16, kc * 16, lane);
 
   float o[D / 8][4];
-#pragma unroll
-  for (int dt = 0; dt < D / 8; ++dt) o[dt][0] = o[dt][1] = o[dt][2] = o[dt][3] = 0.f;
+  zero_acc(o);
   // Rows g and g+8 of the warp's 16; running max in base-2 units of the scaled score, and
   // this thread's partial row sum (the quad's partial sums are added once at the end).
   float m_run[2] = {-INFINITY, -INFINITY};
@@ -294,8 +354,7 @@ __global__ void __launch_bounds__(kThreads, MinCtas<D>::kFwd) attention_fwd_kern
     }
 
     float s[kBlockN / 8][4];
-#pragma unroll
-    for (int nt = 0; nt < kBlockN / 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+    zero_acc(s);
 #pragma unroll
     for (int kc = 0; kc < D / 16; ++kc) {
 #pragma unroll
@@ -342,19 +401,7 @@ __global__ void __launch_bounds__(kThreads, MinCtas<D>::kFwd) attention_fwd_kern
       o[dt][3] *= alpha[1];
     }
 
-    // O += P V, with P taken straight from the score registers.
-#pragma unroll
-    for (int kc = 0; kc < kBlockN / 16; ++kc) {
-      const uint32_t a[4] = {pack2<T>(s[2 * kc][0], s[2 * kc][1]), pack2<T>(s[2 * kc][2], s[2 * kc][3]),
-                             pack2<T>(s[2 * kc + 1][0], s[2 * kc + 1][1]),
-                             pack2<T>(s[2 * kc + 1][2], s[2 * kc + 1][3])};
-#pragma unroll
-      for (int dt = 0; dt < D / 8; ++dt) {
-        uint32_t b0, b1;
-        load_b_cols(b0, b1, sV, P, kc * 16, dt * 8, lane);
-        mma16816<T>(o[dt], a, b0, b1);
-      }
-    }
+    mma_acc_b<T>(o, s, sV, P, lane);  // O += P V, with P taken straight from the score registers
     cp_async_wait_all();  // this thread's part of the next block has landed
     __syncthreads();      // all of it has, and every warp is done with this stage
   }
@@ -370,14 +417,7 @@ __global__ void __launch_bounds__(kThreads, MinCtas<D>::kFwd) attention_fwd_kern
       p.lse[(static_cast<int64_t>(ti.b) * H + ti.h) * N + row[r]] = m_run[r] * kLn2 + logf(l);
   }
   T* gO = static_cast<T*>(p.out) + ti.b * p.out_stride_b + static_cast<int64_t>(ti.h) * D;
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    if (row[r] >= N) continue;
-    T* dst = gO + row[r] * p.out_stride_n + (lane % 4) * 2;
-#pragma unroll
-    for (int dt = 0; dt < D / 8; ++dt)
-      *reinterpret_cast<uint32_t*>(dst + dt * 8) = pack2<T>(o[dt][2 * r] * inv[r], o[dt][2 * r + 1] * inv[r]);
-  }
+  store_acc_rows(gO, p.out_stride_n, ti.row0 + warp * 16, N, o, inv[0], inv[1], lane);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -466,11 +506,8 @@ __global__ void __launch_bounds__(kThreads, MinCtas<D>::kDkdv) attention_bwd_dkd
   __syncthreads();
 
   float dk[D / 8][4], dv[D / 8][4];
-#pragma unroll
-  for (int dt = 0; dt < D / 8; ++dt) {
-    dk[dt][0] = dk[dt][1] = dk[dt][2] = dk[dt][3] = 0.f;
-    dv[dt][0] = dv[dt][1] = dv[dt][2] = dv[dt][3] = 0.f;
-  }
+  zero_acc(dk);
+  zero_acc(dv);
   const float sl2 = p.scale * kLog2e;
 
   for (int q0 = 0, stage = 0; q0 < N; q0 += kBlockN, stage ^= 1) {
@@ -493,36 +530,12 @@ __global__ void __launch_bounds__(kThreads, MinCtas<D>::kDkdv) attention_bwd_dkd
       }
     }
 
-    // S^T = K Q^T: 16 keys x kBlockN queries per warp.
+    // S^T = K Q^T and dP^T = V dO^T: 16 keys x kBlockN queries per warp.
     float s[kBlockN / 8][4], dp[kBlockN / 8][4];
-#pragma unroll
-    for (int nt = 0; nt < kBlockN / 8; ++nt) {
-      s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
-      dp[nt][0] = dp[nt][1] = dp[nt][2] = dp[nt][3] = 0.f;
-    }
-#pragma unroll
-    for (int kc = 0; kc < D / 16; ++kc) {
-      uint32_t a[4];
-      load_a(a, sK, P, warp * 16, kc * 16, lane);
-#pragma unroll
-      for (int nt = 0; nt < kBlockN / 8; ++nt) {
-        uint32_t b0, b1;
-        load_b_rows(b0, b1, sQ, P, nt * 8, kc * 16, lane);
-        mma16816<T>(s[nt], a, b0, b1);
-      }
-    }
-    // dP^T = V dO^T.
-#pragma unroll
-    for (int kc = 0; kc < D / 16; ++kc) {
-      uint32_t a[4];
-      load_a(a, sV, P, warp * 16, kc * 16, lane);
-#pragma unroll
-      for (int nt = 0; nt < kBlockN / 8; ++nt) {
-        uint32_t b0, b1;
-        load_b_rows(b0, b1, sdO, P, nt * 8, kc * 16, lane);
-        mma16816<T>(dp[nt], a, b0, b1);
-      }
-    }
+    zero_acc(s);
+    zero_acc(dp);
+    mma_abt<T, kBlockN / 8, D>(s, sK, sQ, P, warp * 16, lane);
+    mma_abt<T, kBlockN / 8, D>(dp, sV, sdO, P, warp * 16, lane);
     // P^T from lse (columns are queries), then dS^T = P^T * (dP^T - delta).
 #pragma unroll
     for (int nt = 0; nt < kBlockN / 8; ++nt) {
@@ -534,23 +547,8 @@ __global__ void __launch_bounds__(kThreads, MinCtas<D>::kDkdv) attention_bwd_dkd
       }
     }
     // dV += P^T dO and dK += dS^T Q (scale applied once at the end).
-#pragma unroll
-    for (int kc = 0; kc < kBlockN / 16; ++kc) {
-      const uint32_t ap[4] = {pack2<T>(s[2 * kc][0], s[2 * kc][1]), pack2<T>(s[2 * kc][2], s[2 * kc][3]),
-                              pack2<T>(s[2 * kc + 1][0], s[2 * kc + 1][1]),
-                              pack2<T>(s[2 * kc + 1][2], s[2 * kc + 1][3])};
-      const uint32_t ads[4] = {pack2<T>(dp[2 * kc][0], dp[2 * kc][1]), pack2<T>(dp[2 * kc][2], dp[2 * kc][3]),
-                               pack2<T>(dp[2 * kc + 1][0], dp[2 * kc + 1][1]),
-                               pack2<T>(dp[2 * kc + 1][2], dp[2 * kc + 1][3])};
-#pragma unroll
-      for (int dt = 0; dt < D / 8; ++dt) {
-        uint32_t b0, b1;
-        load_b_cols(b0, b1, sdO, P, kc * 16, dt * 8, lane);
-        mma16816<T>(dv[dt], ap, b0, b1);
-        load_b_cols(b0, b1, sQ, P, kc * 16, dt * 8, lane);
-        mma16816<T>(dk[dt], ads, b0, b1);
-      }
-    }
+    mma_acc_b<T>(dv, s, sdO, P, lane);
+    mma_acc_b<T>(dk, dp, sQ, P, lane);
     if (has_next && threadIdx.x < kBlockN) {
       float* next_ld = sLD + (stage ^ 1) * 2 * kBlockN;
       next_ld[threadIdx.x] = next_lse;
@@ -562,19 +560,8 @@ __global__ void __launch_bounds__(kThreads, MinCtas<D>::kDkdv) attention_bwd_dkd
 
   // Store rows < N of dK (slot 1) and dV (slot 2) in the packed dqkv layout.
   T* gdK = static_cast<T*>(p.dqkv) + ti.b * p.dqkv_stride_b + p.dqkv_stride_3 + ti.h * p.dqkv_stride_h;
-  T* gdV = gdK + p.dqkv_stride_3;
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int key = ti.row0 + warp * 16 + lane / 4 + 8 * r;
-    if (key >= N) continue;
-    const int64_t off = key * p.dqkv_stride_n + (lane % 4) * 2;
-#pragma unroll
-    for (int dt = 0; dt < D / 8; ++dt) {
-      *reinterpret_cast<uint32_t*>(gdK + off + dt * 8) =
-          pack2<T>(dk[dt][2 * r] * p.scale, dk[dt][2 * r + 1] * p.scale);
-      *reinterpret_cast<uint32_t*>(gdV + off + dt * 8) = pack2<T>(dv[dt][2 * r], dv[dt][2 * r + 1]);
-    }
-  }
+  store_acc_rows(gdK, p.dqkv_stride_n, ti.row0 + warp * 16, N, dk, p.scale, p.scale, lane);
+  store_acc_rows(gdK + p.dqkv_stride_3, p.dqkv_stride_n, ti.row0 + warp * 16, N, dv, 1.f, 1.f, lane);
 }
 
 // dQ for 64 queries of one (b, h); each warp owns 16 queries and loops over all keys in
@@ -617,8 +604,7 @@ __global__ void __launch_bounds__(kThreads, MinCtas<D>::kDq) attention_bwd_dq_ke
   }
 
   float dq[D / 8][4];
-#pragma unroll
-  for (int dt = 0; dt < D / 8; ++dt) dq[dt][0] = dq[dt][1] = dq[dt][2] = dq[dt][3] = 0.f;
+  zero_acc(dq);
   const float sl2 = p.scale * kLog2e;
 
   cp_async_wait_all();
@@ -633,27 +619,12 @@ __global__ void __launch_bounds__(kThreads, MinCtas<D>::kDq) attention_bwd_dq_ke
       load_tile_async<T, kBlockN, D>(next + kBlockN * P, gV, p.qkv_stride_n, n0 + kBlockN, N);
     }
 
-    float s[kBlockN / 8][4], dp[kBlockN / 8][4];
-#pragma unroll
-    for (int nt = 0; nt < kBlockN / 8; ++nt) {
-      s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
-      dp[nt][0] = dp[nt][1] = dp[nt][2] = dp[nt][3] = 0.f;
-    }
     // S = Q K^T and dP = dO V^T: 16 queries x kBlockN keys per warp.
-#pragma unroll
-    for (int kc = 0; kc < D / 16; ++kc) {
-      uint32_t aq[4], ado[4];
-      load_a(aq, sQ, P, warp * 16, kc * 16, lane);
-      load_a(ado, sdO, P, warp * 16, kc * 16, lane);
-#pragma unroll
-      for (int nt = 0; nt < kBlockN / 8; ++nt) {
-        uint32_t b0, b1;
-        load_b_rows(b0, b1, sK, P, nt * 8, kc * 16, lane);
-        mma16816<T>(s[nt], aq, b0, b1);
-        load_b_rows(b0, b1, sV, P, nt * 8, kc * 16, lane);
-        mma16816<T>(dp[nt], ado, b0, b1);
-      }
-    }
+    float s[kBlockN / 8][4], dp[kBlockN / 8][4];
+    zero_acc(s);
+    zero_acc(dp);
+    mma_abt<T, kBlockN / 8, D>(s, sQ, sK, P, warp * 16, lane);
+    mma_abt<T, kBlockN / 8, D>(dp, sdO, sV, P, warp * 16, lane);
     // dS = P * (dP - delta), P = 0 for keys >= N.
 #pragma unroll
     for (int nt = 0; nt < kBlockN / 8; ++nt) {
@@ -664,32 +635,13 @@ __global__ void __launch_bounds__(kThreads, MinCtas<D>::kDq) attention_bwd_dq_ke
         dp[nt][j] = pr * (dp[nt][j] - delta[j >> 1]);
       }
     }
-    // dQ += dS K.
-#pragma unroll
-    for (int kc = 0; kc < kBlockN / 16; ++kc) {
-      const uint32_t a[4] = {pack2<T>(dp[2 * kc][0], dp[2 * kc][1]), pack2<T>(dp[2 * kc][2], dp[2 * kc][3]),
-                             pack2<T>(dp[2 * kc + 1][0], dp[2 * kc + 1][1]),
-                             pack2<T>(dp[2 * kc + 1][2], dp[2 * kc + 1][3])};
-#pragma unroll
-      for (int dt = 0; dt < D / 8; ++dt) {
-        uint32_t b0, b1;
-        load_b_cols(b0, b1, sK, P, kc * 16, dt * 8, lane);
-        mma16816<T>(dq[dt], a, b0, b1);
-      }
-    }
+    mma_acc_b<T>(dq, dp, sK, P, lane);  // dQ += dS K
     cp_async_wait_all();
     __syncthreads();  // the next stage is complete and this one is free
   }
 
   T* gdQ = static_cast<T*>(p.dqkv) + ti.b * p.dqkv_stride_b + ti.h * p.dqkv_stride_h;
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    if (row[r] >= N) continue;
-    T* dst = gdQ + row[r] * p.dqkv_stride_n + (lane % 4) * 2;
-#pragma unroll
-    for (int dt = 0; dt < D / 8; ++dt)
-      *reinterpret_cast<uint32_t*>(dst + dt * 8) = pack2<T>(dq[dt][2 * r] * p.scale, dq[dt][2 * r + 1] * p.scale);
-  }
+  store_acc_rows(gdQ, p.dqkv_stride_n, ti.row0 + warp * 16, N, dq, p.scale, p.scale, lane);
 }
 
 
@@ -757,25 +709,10 @@ __global__ void __launch_bounds__(kThreads, MinCtas<D>::kSmall) attention_bwd_sm
 
   // S^T = K Q^T and dP^T = V dO^T: 16 keys x 64 queries per warp.
   float s[kBlockM / 8][4], dp[kBlockM / 8][4];
-#pragma unroll
-  for (int nt = 0; nt < kBlockM / 8; ++nt) {
-    s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
-    dp[nt][0] = dp[nt][1] = dp[nt][2] = dp[nt][3] = 0.f;
-  }
-#pragma unroll
-  for (int kc = 0; kc < D / 16; ++kc) {
-    uint32_t ak[4], av[4];
-    load_a(ak, sK, P, warp * 16, kc * 16, lane);
-    load_a(av, sV, P, warp * 16, kc * 16, lane);
-#pragma unroll
-    for (int nt = 0; nt < kBlockM / 8; ++nt) {
-      uint32_t b0, b1;
-      load_b_rows(b0, b1, sQ, P, nt * 8, kc * 16, lane);
-      mma16816<T>(s[nt], ak, b0, b1);
-      load_b_rows(b0, b1, sdO, P, nt * 8, kc * 16, lane);
-      mma16816<T>(dp[nt], av, b0, b1);
-    }
-  }
+  zero_acc(s);
+  zero_acc(dp);
+  mma_abt<T, kBlockM / 8, D>(s, sK, sQ, P, warp * 16, lane);
+  mma_abt<T, kBlockM / 8, D>(dp, sV, sdO, P, warp * 16, lane);
   // P^T, dS^T = P^T * (dP^T - delta); dS (keys >= N zeroed) also goes to shared memory for dQ.
 #pragma unroll
   for (int nt = 0; nt < kBlockM / 8; ++nt) {
@@ -790,49 +727,19 @@ __global__ void __launch_bounds__(kThreads, MinCtas<D>::kSmall) attention_bwd_sm
   }
   // dV = P^T dO, dK = dS^T Q.
   float dk[D / 8][4], dv[D / 8][4];
-#pragma unroll
-  for (int dt = 0; dt < D / 8; ++dt) {
-    dk[dt][0] = dk[dt][1] = dk[dt][2] = dk[dt][3] = 0.f;
-    dv[dt][0] = dv[dt][1] = dv[dt][2] = dv[dt][3] = 0.f;
-  }
-#pragma unroll
-  for (int kc = 0; kc < kBlockM / 16; ++kc) {
-    const uint32_t ap[4] = {pack2<T>(s[2 * kc][0], s[2 * kc][1]), pack2<T>(s[2 * kc][2], s[2 * kc][3]),
-                            pack2<T>(s[2 * kc + 1][0], s[2 * kc + 1][1]),
-                            pack2<T>(s[2 * kc + 1][2], s[2 * kc + 1][3])};
-    const uint32_t ads[4] = {pack2<T>(dp[2 * kc][0], dp[2 * kc][1]), pack2<T>(dp[2 * kc][2], dp[2 * kc][3]),
-                             pack2<T>(dp[2 * kc + 1][0], dp[2 * kc + 1][1]),
-                             pack2<T>(dp[2 * kc + 1][2], dp[2 * kc + 1][3])};
-#pragma unroll
-    for (int dt = 0; dt < D / 8; ++dt) {
-      uint32_t b0, b1;
-      load_b_cols(b0, b1, sdO, P, kc * 16, dt * 8, lane);
-      mma16816<T>(dv[dt], ap, b0, b1);
-      load_b_cols(b0, b1, sQ, P, kc * 16, dt * 8, lane);
-      mma16816<T>(dk[dt], ads, b0, b1);
-    }
-  }
+  zero_acc(dk);
+  zero_acc(dv);
+  mma_acc_b<T>(dv, s, sdO, P, lane);
+  mma_acc_b<T>(dk, dp, sQ, P, lane);
   T* gdQ = static_cast<T*>(p.dqkv) + ti.b * p.dqkv_stride_b + ti.h * p.dqkv_stride_h;
   T* gdK = gdQ + p.dqkv_stride_3;
-  T* gdV = gdK + p.dqkv_stride_3;
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int key = warp * 16 + lane / 4 + 8 * r;
-    if (key >= N) continue;
-    const int64_t off = key * p.dqkv_stride_n + (lane % 4) * 2;
-#pragma unroll
-    for (int dt = 0; dt < D / 8; ++dt) {
-      *reinterpret_cast<uint32_t*>(gdK + off + dt * 8) =
-          pack2<T>(dk[dt][2 * r] * p.scale, dk[dt][2 * r + 1] * p.scale);
-      *reinterpret_cast<uint32_t*>(gdV + off + dt * 8) = pack2<T>(dv[dt][2 * r], dv[dt][2 * r + 1]);
-    }
-  }
+  store_acc_rows(gdK, p.dqkv_stride_n, warp * 16, N, dk, p.scale, p.scale, lane);
+  store_acc_rows(gdK + p.dqkv_stride_3, p.dqkv_stride_n, warp * 16, N, dv, 1.f, 1.f, lane);
 
   __syncthreads();  // all of dS is in shared memory
   // dQ = dS K: now each warp owns 16 queries.
   float dq[D / 8][4];
-#pragma unroll
-  for (int dt = 0; dt < D / 8; ++dt) dq[dt][0] = dq[dt][1] = dq[dt][2] = dq[dt][3] = 0.f;
+  zero_acc(dq);
 #pragma unroll
   for (int kc = 0; kc < kBlockM / 16; ++kc) {
     uint32_t a[4];
@@ -844,15 +751,7 @@ __global__ void __launch_bounds__(kThreads, MinCtas<D>::kSmall) attention_bwd_sm
       mma16816<T>(dq[dt], a, b0, b1);
     }
   }
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int q = warp * 16 + lane / 4 + 8 * r;
-    if (q >= N) continue;
-    T* dst = gdQ + q * p.dqkv_stride_n + (lane % 4) * 2;
-#pragma unroll
-    for (int dt = 0; dt < D / 8; ++dt)
-      *reinterpret_cast<uint32_t*>(dst + dt * 8) = pack2<T>(dq[dt][2 * r] * p.scale, dq[dt][2 * r + 1] * p.scale);
-  }
+  store_acc_rows(gdQ, p.dqkv_stride_n, warp * 16, N, dq, p.scale, p.scale, lane);
 }
 
 // ---------------------------------------------------------------------------------------------
