@@ -324,8 +324,16 @@ def mae_vit_demo_patch8(**kwargs):
         mlp_ratio=4, norm_layer=partial(nn.LayerNorm, eps=1e-6), **kwargs)
 
 
+# The one model registry: the authors' factory names and ours, for every tool that takes --model.
 MODELS = {f.__name__: f for f in (
     mae_vit_base_patch16_dec512d8b, mae_vit_large_patch16_dec512d8b, mae_vit_huge_patch14_dec512d8b,
     mae_vit_tiny_patch16, mae_vit_demo_patch8)}
 MODELS.update(mae_vit_base_patch16=mae_vit_base_patch16, mae_vit_large_patch16=mae_vit_large_patch16,
               mae_vit_huge_patch14=mae_vit_huge_patch14)
+
+
+def create_model(name: str, **kwargs) -> MaskedAutoencoderViT:
+    """``MODELS[name](**kwargs)``, with a clear error for an unknown name."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose from {', '.join(sorted(MODELS))}")
+    return MODELS[name](**kwargs)
