@@ -183,11 +183,10 @@ def main(argv=None) -> int:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps({"skipped": "no CUDA"}, indent=1))
         return 0
-    import importlib
+    from mae_fast import ops
 
-    A = importlib.import_module("mae_fast.ops.attention")
     t0 = time.perf_counter()
-    info = A.extension_info()
+    info = ops.extension_info()
     print(f"extension: {info} (loaded in {time.perf_counter() - t0:.1f} s)")
     result = {
         "card": torch.cuda.get_device_name(),

@@ -50,7 +50,7 @@ if [ "${DEVICE_CHECK_SKIP_BUILD:-0}" = 1 ]; then
 else
   step build 300 $PY -m pip install -q --no-deps --no-build-isolation -e .
 fi
-step ext_load 120 $PY -c "from mae_fast.ops import attention as a; print('extension:', a.extension_status())"
+step ext_load 120 $PY -c "from mae_fast import ops; print('extension:', ops.extension_status())"
 
 # 3. the GPU-marked tests first (the kernels' correctness); the rest of the suite comes last
 XDIST=$($PY -c "import xdist; print('-n 8')" 2>/dev/null || true)

@@ -36,6 +36,15 @@ class PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)  # (N, L, D)
 
 
+def is_plain_patch_embed(pe: nn.Module) -> bool:
+    """Whether a fused op may read ``pe.proj``'s weights instead of calling ``pe``: a plain
+    PatchEmbed and Conv2d with no hooks. A swapped-in module (LoRA, quantised) or a hook (feature
+    taps) must see the call, as in the reference."""
+    proj = getattr(pe, "proj", None)
+    return (type(pe) is PatchEmbed and type(proj) is nn.Conv2d
+            and not (pe._forward_hooks or pe._forward_pre_hooks or proj._forward_hooks or proj._forward_pre_hooks))
+
+
 class Attention(nn.Module):
     def __init__(self, dim, num_heads=8, qkv_bias=False, backend: str | None = None):
         super().__init__()

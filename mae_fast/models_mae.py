@@ -20,7 +20,8 @@ import torch
 import torch.nn as nn
 
 from . import ops
-from .layers import Block, PatchEmbed
+from .layers import Block, PatchEmbed, is_plain_patch_embed
+from .model_checks import check_imgs, check_noise, len_keep, len_keep_for_loss
 from .ops._backend import check_backend_name
 from .pos_embed import sincos_2d
 
@@ -125,16 +126,16 @@ class MaskedAutoencoderViT(nn.Module):
         """``(ids_keep (N, K), ids_restore (N, L), mask (N, L))`` exactly as the reference's
         ``random_masking`` draws them: ``noise = torch.rand(N, L)`` unless given, ascending argsort,
         small noise is kept."""
-        len_keep = self._len_keep(L, mask_ratio)
+        keep = len_keep(L, mask_ratio)
         if noise is None:
             noise = torch.rand(N, L, device=device)  # noise in [0, 1]
         else:
-            _check_noise(noise, N, L, device)
+            check_noise(noise, N, L, device)
         ids_shuffle = torch.argsort(noise, dim=1)  # ascend: small is keep, large is remove
         ids_restore = torch.argsort(ids_shuffle, dim=1)
-        ids_keep = ids_shuffle[:, :len_keep]
+        ids_keep = ids_shuffle[:, :keep]
         mask = torch.ones([N, L], device=device)
-        mask[:, :len_keep] = 0
+        mask[:, :keep] = 0
         mask = torch.gather(mask, dim=1, index=ids_restore)
         return ids_keep, ids_restore, mask
 
@@ -146,36 +147,11 @@ class MaskedAutoencoderViT(nn.Module):
         x_masked = torch.gather(x, dim=1, index=ids_keep.unsqueeze(-1).repeat(1, 1, D))
         return x_masked, mask, ids_restore
 
-    @staticmethod
-    def _len_keep(L: int, mask_ratio) -> int:
-        """``int(L * (1 - mask_ratio))`` for a real ``mask_ratio`` in [0, 1) that keeps a patch.
-        (Removing none is fine for the encoder, e.g. to extract features; ``forward`` refuses it.)"""
-        if isinstance(mask_ratio, (str, bytes, bool)):
-            raise TypeError(f"mask_ratio must be a real number in [0, 1), got {type(mask_ratio).__name__}")
-        try:
-            ratio = float(mask_ratio)  # also numpy and 0-d tensor scalars, as the reference takes
-        except (TypeError, ValueError):
-            raise TypeError(f"mask_ratio must be a real number in [0, 1), got {type(mask_ratio).__name__}") from None
-        if not 0.0 <= ratio < 1.0:
-            raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
-        len_keep = int(L * (1 - ratio))
-        if len_keep < 1:
-            raise ValueError(f"mask_ratio={mask_ratio} keeps no patch of L={L} (int(L * (1 - mask_ratio)) == 0)")
-        return len_keep
-
-    def _check_loss_ratio(self, mask_ratio) -> int:
-        len_keep = self._len_keep(self.num_patches, mask_ratio)
-        if len_keep == self.num_patches:
-            raise ValueError(
-                f"mask_ratio={mask_ratio} removes no patch of L={self.num_patches}: the loss would be 0/0 "
-                f"(the reference returns NaN); use a ratio > 0, or forward_encoder alone for features")
-        return len_keep
-
     # ------------------------------------------------------------------ encoder / decoder / loss
     def forward_encoder(self, x, mask_ratio, noise=None):
         """imgs (N, C, H, W) -> (latent (N, 1+K, D), mask (N, L), ids_restore (N, L)); with
         ``encoder_mask_tokens`` the latent holds all ``1+L`` tokens."""
-        self._check_imgs(x)
+        check_imgs(x, self.in_chans, self.patch_embed.img_size, self.patch_size)
         ids_keep, ids_restore, mask = self.masking_ids(x.shape[0], self.num_patches, mask_ratio, x.device, noise)
         x = self.embed(x, ids_keep, mask)
         for blk in self.blocks:
@@ -186,26 +162,25 @@ class MaskedAutoencoderViT(nn.Module):
     def embed(self, imgs, ids_keep, mask):
         """The encoder's input: cls + the kept patches' embeddings with their positions (or,
         with ``encoder_mask_tokens``, every patch, removed ones replaced by the mask token)."""
-        if not self.encoder_mask_tokens and self.plain_patch_embed():
+        if self.encoder_mask_tokens:
+            x = self.patch_embed(imgs)
+            x = torch.where(mask.unsqueeze(-1).bool(), self.encoder_mask_token.to(x.dtype), x)
+            return self._with_cls(x + self.pos_embed[:, 1:, :])
+        if self.plain_patch_embed():
             w, b = self.patch_embed.proj.weight, self.patch_embed.proj.bias
             return ops.embed_visible_patches(imgs, ids_keep, w, b, self.pos_embed, self.cls_token,
                                              backend=self.backend)
-        x = self.patch_embed(imgs)
-        if self.encoder_mask_tokens:
-            x = torch.where(mask.unsqueeze(-1).bool(), self.encoder_mask_token.to(x.dtype), x)
-        x = x + self.pos_embed[:, 1:, :]
-        if not self.encoder_mask_tokens:
-            x = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        # a module that must be called (hooks, a swapped-in conv): the authors' order
+        x = self.patch_embed(imgs) + self.pos_embed[:, 1:, :]
+        return self._with_cls(torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1])))
+
+    def _with_cls(self, x):
         cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
         return torch.cat((cls, x), dim=1)
 
     def plain_patch_embed(self) -> bool:
-        """Whether the fused embedding may read ``patch_embed.proj``'s weights directly: a plain
-        Conv2d with no hooks. A swapped-in module (LoRA, quantised) or a hook (feature taps) gets
-        ``self.patch_embed(imgs)`` called, as in the reference."""
-        pe, proj = self.patch_embed, self.patch_embed.proj
-        return (type(proj) is nn.Conv2d and type(pe) is PatchEmbed
-                and not (pe._forward_hooks or pe._forward_pre_hooks or proj._forward_hooks or proj._forward_pre_hooks))
+        """Whether the fused embedding may read ``patch_embed.proj``'s weights directly."""
+        return is_plain_patch_embed(self.patch_embed)
 
     def forward_decoder(self, x, ids_restore, pred_ids=None):
         """latent (N, 1+K, D) -> pred (N, L, P*P*C), or (N, M, P*P*C) for the patches ``pred_ids (N, M)``"""
@@ -230,53 +205,20 @@ class MaskedAutoencoderViT(nn.Module):
         x = torch.gather(x[:, 1:, :], 1, pred_ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
         return self.decoder_pred(self.decoder_norm(x))
 
-    def forward_loss(self, imgs, pred, mask):
-        """imgs (N, C, H, W), pred (N, L, P*P*C), mask (N, L) with 1 = removed -> scalar loss"""
-        return ops.patch_mse_loss(pred, imgs, mask, self.patch_size, self.norm_pix_loss, backend=self.backend)
+    def forward_loss(self, imgs, pred, mask, pred_ids=None):
+        """imgs (N, C, H, W), pred (N, L, P*P*C) (or (N, M, P*P*C) for the patches ``pred_ids``),
+        mask (N, L) with 1 = removed -> scalar loss"""
+        return ops.patch_mse_loss(pred, imgs, mask, self.patch_size, self.norm_pix_loss, pred_ids=pred_ids,
+                                  backend=self.backend)
 
     def forward(self, imgs, mask_ratio=0.75, noise=None):
-        len_keep = self._check_loss_ratio(mask_ratio)
+        keep = len_keep_for_loss(self.num_patches, mask_ratio)
         latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise)
-        if self.pred_masked_only:
-            ids_removed = torch.argsort(ids_restore, dim=1)[:, len_keep:]
-            pred = self.forward_decoder(latent, ids_restore, ids_removed)  # [N, L-K, p*p*C]
-            loss = ops.patch_mse_loss(pred, imgs, mask, self.patch_size, self.norm_pix_loss, pred_ids=ids_removed,
-                                      backend=self.backend)
-            return loss, pred, mask
-        pred = self.forward_decoder(latent, ids_restore)  # [N, L, p*p*C]
-        loss = self.forward_loss(imgs, pred, mask)
+        # pred_masked_only: the removed patches, the only ones the loss reads
+        pred_ids = torch.argsort(ids_restore, dim=1)[:, keep:] if self.pred_masked_only else None
+        pred = self.forward_decoder(latent, ids_restore, pred_ids)  # [N, L or L-K, p*p*C]
+        loss = self.forward_loss(imgs, pred, mask, pred_ids)
         return loss, pred, mask
-
-    # ------------------------------------------------------------------ input checks
-    def _check_imgs(self, imgs) -> None:
-        if not isinstance(imgs, torch.Tensor):
-            raise TypeError(f"imgs must be a torch.Tensor, got {type(imgs).__name__}")
-        if imgs.dim() != 4:
-            raise ValueError(f"imgs must be 4-D (N, C, H, W), got shape {tuple(imgs.shape)}")
-        if not imgs.is_floating_point():
-            raise TypeError(f"imgs must be a floating-point tensor (normalised pixels), got {imgs.dtype}; "
-                            f"convert with imgs.float() and normalise first")
-        N, C, H, W = imgs.shape
-        if C != self.in_chans:
-            raise ValueError(f"imgs must have in_chans={self.in_chans} channels, got {C} (shape {tuple(imgs.shape)})")
-        if (H, W) != self.patch_embed.img_size:
-            p = self.patch_size
-            hint = "" if H % p == 0 and W % p == 0 else f", and {H}x{W} is not divisible by patch_size={p}"
-            raise ValueError(f"imgs must be {self.patch_embed.img_size[0]}x{self.patch_embed.img_size[1]} "
-                             f"(the model's img_size), got {H}x{W}{hint}")
-        if N == 0:
-            raise ValueError("imgs must hold at least one image, got N=0")
-
-
-def _check_noise(noise, N: int, L: int, device) -> None:
-    if not isinstance(noise, torch.Tensor):
-        raise TypeError(f"noise must be a torch.Tensor of shape ({N}, {L}), got {type(noise).__name__}")
-    if tuple(noise.shape) != (N, L):
-        raise ValueError(f"noise must have shape (N, L) = ({N}, {L}), got {tuple(noise.shape)}")
-    if noise.device != torch.device(device):
-        raise ValueError(f"noise must be on the images' device {device}, got {noise.device}")
-    if not noise.is_floating_point():
-        raise TypeError(f"noise must be a floating-point tensor, got {noise.dtype}")
 
 
 def mae_vit_base_patch16_dec512d8b(**kwargs):

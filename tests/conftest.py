@@ -23,9 +23,23 @@ TOLERANCES = {
     torch.bfloat16: (1.6e-2, 1e-2),
 }
 
+# Whole-model comparisons against the float64 spec (loss, pred and every gradient, through all the
+# layers): a float64 model meets it to 1e-10 absolute as well; fp32 as the elementwise rule.
+MODEL_TOLERANCES = {
+    torch.float64: (1e-10, 1e-10),
+    torch.float32: (1e-5, 1e-5),
+}
 
-def tol(dtype: torch.dtype) -> dict:
-    rtol, atol = TOLERANCES[dtype]
+# flash-attention's rule for paths that sum in another order than the reference: the error
+# against float64 is at most 2x PyTorch's own error in the same dtype, plus a floor: absolute for
+# the attention kernels' fp16/bf16 outputs; relative (times the exact value's max or norm, plus
+# NORM_FLOOR) for whole fp32 training steps.
+FLASH_RULE_FLOOR = {torch.float16: 1e-3, torch.bfloat16: 8e-3, torch.float32: 1e-5}
+NORM_FLOOR = 1e-9
+
+
+def tol(dtype: torch.dtype, table: dict = TOLERANCES) -> dict:
+    rtol, atol = table[dtype]
     return {"rtol": rtol, "atol": atol}
 
 
@@ -44,6 +58,39 @@ def assert_close_in_norm(actual, expected, dtype=None, msg=""):
     err = torch.linalg.vector_norm(a - e).item()
     bound = rtol * torch.linalg.vector_norm(e).item() + atol * e.numel() ** 0.5
     assert err <= bound, f"{msg} ||actual - expected|| = {err:.3g} > {bound:.3g}"
+
+
+def _upcast(a, dtype):
+    if isinstance(a, torch.Tensor) and a.is_floating_point():
+        return a.detach().to(dtype).requires_grad_(a.requires_grad)
+    return a
+
+
+def check_against_reference(op, args, dtype, *, kwargs=None, ref_dtype=torch.float32, out_dtype=None,
+                            grad_out=None, in_norm=()):
+    """An op's kernels (``backend="triton"``) against its torch reference run on the same values
+    upcast to ``ref_dtype``, forward and backward: the output (of dtype ``out_dtype``, default
+    ``dtype``) and the gradient of every input that requires grad (of its input's dtype ``dtype``),
+    each within ``dtype``'s tolerances; the gradients of the inputs at the positions ``in_norm``
+    (sums over many rows) in norm. ``grad_out`` is the output's gradient in ``dtype`` (default: a
+    random one; none for a scalar output). Non-float arguments (ids, bool masks) are shared."""
+    kwargs = kwargs or {}
+    out = op(*args, **kwargs, backend="triton")
+    ref_args = [_upcast(a, ref_dtype) for a in args]
+    ref = op(*ref_args, **kwargs, backend="torch")
+    assert out.dtype == (out_dtype or dtype) and out.shape == ref.shape
+    assert_close(out, ref, dtype)
+    picked = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.requires_grad]
+    if out.dim() == 0 and grad_out is None:
+        g, g_ref = None, None
+    else:
+        g = torch.randn(ref.shape, device=ref.device).to(dtype) if grad_out is None else grad_out
+        g_ref = g.to(ref_dtype)
+    grads = torch.autograd.grad(out, [args[i] for i in picked], g)
+    grads_ref = torch.autograd.grad(ref, [ref_args[i] for i in picked], g_ref)
+    for i, a, e in zip(picked, grads, grads_ref):
+        assert a.dtype == dtype, f"the gradient of argument {i} is {a.dtype}, not {dtype}"
+        (assert_close_in_norm if i in in_norm else assert_close)(a, e, dtype, msg=f"gradient of argument {i}")
 
 
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")

@@ -5,17 +5,18 @@ a float64 reference, forward and backward, plus the custom-op machinery (opcheck
 torch.compile, autocast, errors). GPU (marked): the CUDA kernels against a float64 reference with
 flash-attention's rule (error <= 2x PyTorch's own error in the same dtype, plus a small floor).
 """
-import importlib
 import math
 import os
 
 import pytest
 import torch
 
-from conftest import HAS_CUDA, assert_close, tol  # noqa: F401
+from conftest import FLASH_RULE_FLOOR, HAS_CUDA, assert_close, tol  # noqa: F401
 
-A = importlib.import_module("mae_fast.ops.attention")
-from mae_fast.ops import BackendUnavailableError, attention, attention_reference  # noqa: E402
+from mae_fast import ops
+from mae_fast.ops import BackendUnavailableError, attention, attention_reference
+from mae_fast.ops import _extension as E
+from mae_fast.ops import qkv_attention as A
 
 HEAD_DIMS = (32, 64, 80, 128)
 CPU_NS = (1, 7, 50, 65, 129, 197)
@@ -25,11 +26,11 @@ GPU_NS = (1, 7, 50, 65, 129, 197, 257, 513)
 @pytest.fixture(scope="session")
 def ext():
     """Loads (JIT-builds once per machine, ~1 min on 2 cores) the extension."""
-    reason = A.load_extension()
-    if reason is not None and os.environ.get(A.NO_JIT_ENV, "") not in ("", "0"):
+    reason = E.load_extension()
+    if reason is not None and os.environ.get(E.NO_JIT_ENV, "") not in ("", "0"):
         pytest.skip(reason)
     assert reason is None, reason
-    return A.extension_info()
+    return ops.extension_info()
 
 
 def make_qkv(B, N, H, D, dtype, device="cpu", requires_grad=True):
@@ -89,7 +90,7 @@ def test_cpu_twin_low_precision(ext, seed, dtype, N, D):
     assert out.dtype == dtype and dqkv.dtype == dtype
     ref_out, ref_dqkv = grads_of(attention_reference, qkv.double(), dout.double())
     pt_out, pt_dqkv = grads_of(attention_reference, qkv, dout)
-    floor = 1e-3 if dtype == torch.float16 else 8e-3
+    floor = FLASH_RULE_FLOOR[dtype]
     assert _max_err(out, ref_out) <= 2 * _max_err(pt_out, ref_out) + floor
     for i, name in enumerate("qkv"):
         ours, ref, pt = dqkv[:, :, i], ref_dqkv[:, :, i], pt_dqkv[:, :, i]
@@ -204,31 +205,27 @@ def test_autocast_runs_in_autocast_dtype(ext, seed):
 
 
 def test_status_helpers(ext):
-    from mae_fast.ops import attention as fn
-
-    assert fn.extension_status().startswith("loaded")
-    assert fn.extension_info()["reason"] is None
+    assert ops.extension_status().startswith("loaded")
+    assert ops.extension_info()["reason"] is None
 
 
 def test_backend_selection(ext):
     cpu = torch.device("cpu")
-    assert attention_reference is A.attention_op.select(cpu, "auto")[1]  # auto: the reference on CPU
-    assert A.attention_op.select(cpu, "cuda")[0] == "cuda"  # explicit: the CPU twin
-    reason = A._why_not_extension(torch.device("cuda"))
+    qkv = make_qkv(1, 4, 2, 8, torch.float32, requires_grad=False)
+    assert attention_reference is A.attention_op.select((qkv,), "auto")[1]  # auto: the reference on CPU
+    assert A.attention_op.select((qkv,), "cuda")[0] == "cuda"  # explicit: the CPU twin
+    reason = E.why_not_extension(torch.device("cuda"))
     if ext["cuda"]:
         assert reason is None
     else:
         assert "without CUDA kernels" in reason
-    assert "meta" in A._why_not_extension(torch.device("meta"))
+    assert "meta" in E.why_not_extension(torch.device("meta"))
     with pytest.raises(BackendUnavailableError, match="cannot run op"):
-        A.attention_op.select(torch.device("meta"), "cuda")
+        A.attention_op.select((qkv.to("meta"),), "cuda")
 
 
 # ---------------------------------------------------------------------------------------------
 # GPU: the CUDA kernels.
-
-GPU_FLOOR = {torch.float16: 1e-3, torch.bfloat16: 8e-3}
-
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -242,7 +239,7 @@ def test_gpu_against_float64(ext, seed, dtype, D, N):
     out, dqkv = grads_of(ext_fn, qkv, dout)
     ref_out, ref_dqkv = grads_of(attention_reference, qkv.double(), dout.double())
     pt_out, pt_dqkv = grads_of(attention_reference, qkv, dout)
-    floor = GPU_FLOOR[dtype]
+    floor = FLASH_RULE_FLOOR[dtype]
     assert torch.isfinite(out).all() and torch.isfinite(dqkv).all()
     err, pt_err = _max_err(out, ref_out), _max_err(pt_out, ref_out)
     assert err <= 2 * pt_err + floor, f"out: {err} vs torch {pt_err}"
@@ -306,7 +303,7 @@ def test_gpu_strides(ext, seed):
 
 @pytest.mark.gpu
 def test_gpu_auto_uses_extension_and_compiles(ext, seed):
-    assert A.attention_op.select(torch.device("cuda"), "auto")[0] == "cuda"
+    assert A.attention_op.select((make_qkv(1, 4, 2, 64, torch.bfloat16, "cuda"),), "auto")[0] == "cuda"
     torch._dynamo.reset()
     qkv = make_qkv(2, 50, 4, 64, torch.float32, device="cuda")
     dout = torch.randn(2, 50, 256, device="cuda")

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from mae_fast import checkpoint, hf
+from conftest import tol
 from test_model import tiny_model
 
 
@@ -35,8 +36,8 @@ def test_hf_model_with_our_weights_matches(seed):
     loss, pred, mask = ours(imgs, noise=noise)
     out = peer(pixel_values=imgs, noise=noise)
     torch.testing.assert_close(out.mask, mask)
-    torch.testing.assert_close(out.logits, pred, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(out.loss, loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.logits, pred, **tol(torch.float32))
+    torch.testing.assert_close(out.loss, loss, **tol(torch.float32))
 
 
 def test_load_hf_folder_and_hf_keys_in_load_pretrained(tmp_path):

@@ -10,6 +10,7 @@ from mae_fast import models_mae
 from mae_fast.ops import BackendUnavailableError
 
 import spec_reference
+from conftest import MODEL_TOLERANCES, tol
 
 FACTORIES = {
     # name: (alias, D, depth, heads, P)
@@ -124,13 +125,13 @@ def test_matches_float64_spec_forward_and_grads(seed, norm_pix_loss, mask_ratio,
     model = model.to(dtype)
     loss, pred, mask = model(imgs.to(dtype), mask_ratio=mask_ratio, noise=noise)
     loss.backward()
-    rtol, atol = (1e-10, 1e-10) if dtype == torch.float64 else (1e-5, 1e-5)
+    rule = tol(dtype, MODEL_TOLERANCES)
     torch.testing.assert_close(mask.double(), ref_mask)
-    torch.testing.assert_close(loss.double(), ref_loss.detach(), rtol=rtol, atol=atol)
-    torch.testing.assert_close(pred.double(), ref_pred.detach(), rtol=rtol, atol=atol)
+    torch.testing.assert_close(loss.double(), ref_loss.detach(), **rule)
+    torch.testing.assert_close(pred.double(), ref_pred.detach(), **rule)
     for name, p in model.named_parameters():
         if p.requires_grad:
-            torch.testing.assert_close(p.grad.double(), ref_grads[name], rtol=rtol, atol=atol, msg=name)
+            torch.testing.assert_close(p.grad.double(), ref_grads[name], **rule, msg=name)
         else:
             assert p.grad is None
 

@@ -6,7 +6,7 @@ On CPU the kernels run under TRITON_INTERPRET=1 (set by conftest): fp32 and fp16
 import pytest
 import torch
 
-from conftest import assert_close, assert_close_in_norm
+from conftest import assert_close, check_against_reference
 from mae_fast import ops
 from mae_fast.ops._triton import why_not_triton
 from triton_compile import run_compile_check
@@ -48,33 +48,11 @@ def make_inputs(N, C, P, h, w, D, K, dtype, device=DEV, noncontig=False, pos_gra
     return imgs, ids, weight, bias, pos, cls
 
 
-def reference_fp64(imgs, ids, weight, bias, pos, cls):
-    """The torch reference on the same values upcast to float64: the truth, which a GEMM over
-    C*P*P = 768 terms in fp32 (ours, or the reference's conv in another summation order) meets
-    to fp32 rounding, where two fp32 orders need not meet each other."""
-    ins = [t.detach().double().requires_grad_(t.requires_grad) for t in (imgs, weight, bias, pos, cls)]
-    i, w, b, p, c = ins
-    out = ops.embed_visible_patches(i, ids, w, b, p, c, backend="torch")
-    return out, ins
-
-
 def check_embed(inputs, dtype):
-    imgs, ids, weight, bias, pos, cls = inputs
-    out = ops.embed_visible_patches(imgs, ids, weight, bias, pos, cls, backend="triton")
-    ref, ref_ins = reference_fp64(imgs, ids, weight, bias, pos, cls)
-    assert out.dtype == dtype and out.shape == ref.shape
-    assert_close(out, ref, dtype)
-    g = torch.randn_like(ref)
-    wrt = [t for t in (imgs, weight, bias, pos, cls) if t.requires_grad]
-    wrt_ref = [r for t, r in zip((imgs, weight, bias, pos, cls), ref_ins) if t.requires_grad]
-    grads = torch.autograd.grad(out, wrt, g.to(dtype))
-    grads_ref = torch.autograd.grad(ref, wrt_ref, g.to(dtype).double())
-    for t, a, e in zip(wrt, grads, grads_ref):
-        assert a.dtype == dtype
-        if t is weight or t is bias:  # sums over all N*K kept patches
-            assert_close_in_norm(a, e, dtype)
-        else:
-            assert_close(a, e, dtype)
+    """Against the torch reference in float64, the truth: a GEMM over C*P*P = 768 terms in fp32
+    (ours, or the reference's conv in another summation order) meets it to fp32 rounding, where two
+    fp32 orders need not meet each other. weight and bias gradients sum over all N*K kept patches."""
+    check_against_reference(ops.embed_visible_patches, inputs, dtype, ref_dtype=torch.float64, in_norm=(2, 3))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -206,9 +184,10 @@ def test_why_not_triton():
     assert "meta" in why_not_triton(torch.device("meta"))
     if DEV == "cpu":
         # the backend switch: auto stays on the reference for CPU tensors, triton is used on request
-        name, _ = ops.embed.embed_visible_patches_op.select(torch.device("cpu"), "auto")
+        args = make_inputs(2, 3, 4, 2, 3, 8, 3, torch.float32)
+        name, _ = ops.embed.embed_visible_patches_op.select(args, "auto")
         assert name == "torch"
-        assert ops.embed.embed_visible_patches_op.select(torch.device("cpu"), "triton")[0] == "triton"
+        assert ops.embed.embed_visible_patches_op.select(args, "triton")[0] == "triton"
 
 
 def test_check_ids_debug_mode(monkeypatch):
@@ -297,10 +276,9 @@ def test_embed_keep_none(seed):
 
 def test_embed_declines_for_auto():
     """A dtype the kernels do not take is declined, so that backend='auto' uses the reference."""
-    from mae_fast.ops.embed import _embed_declines, _gather_declines
-
-    imgs, ids = torch.randn(1, 3, 8, 8), torch.tensor([[0, 3]])
-    args = (torch.randn(4, 3, 4, 4), torch.randn(4), torch.randn(1, 5, 4), torch.randn(1, 1, 4))
-    assert _embed_declines(imgs, ids, *args) is None and _gather_declines(imgs, ids, 4) is None
-    assert "imgs must be float32" in _embed_declines(imgs.double(), ids, *args)
-    assert "imgs must be float32" in _gather_declines(imgs.double(), ids, 4)
+    embed, gather = ops.embed.embed_visible_patches_op, ops.embed.gather_patches_op
+    imgs, ids = torch.randn(1, 3, 8, 8, device=DEV), torch.tensor([[0, 3]], device=DEV)
+    args = [torch.randn(*s, device=DEV) for s in ((4, 3, 4, 4), (4,), (1, 5, 4), (1, 1, 4))]
+    assert embed.unsupported("triton", imgs, ids, *args) is None and gather.unsupported("triton", imgs, ids, 4) is None
+    assert "imgs must be float32" in embed.unsupported("triton", imgs.double(), ids, *args)
+    assert "imgs must be float32" in gather.unsupported("triton", imgs.double(), ids, 4)

@@ -6,7 +6,7 @@ On CPU the kernels run under TRITON_INTERPRET=1 (set by conftest): fp32 and fp16
 import pytest
 import torch
 
-from conftest import assert_close
+from conftest import assert_close, check_against_reference
 from mae_fast import ops
 from mae_fast.ops._triton import why_not_triton
 from triton_compile import run_compile_check
@@ -47,18 +47,9 @@ def make_inputs(N, C, P, h, w, K, dtype, device=DEV, masked_only=False, nonconti
 
 
 def check(pred, imgs, mask, P, norm, kw, dtype):
-    loss = ops.patch_mse_loss(pred, imgs, mask, P, norm, backend="triton", **kw)
-    p32, i32 = (t.detach().float().requires_grad_(t.requires_grad) for t in (pred, imgs))
-    ref = ops.patch_mse_loss(p32, i32, mask, P, norm, backend="torch", **kw)
     # the reference's dtype for the same inputs (a float32 mask promotes the loss to float32)
-    assert loss.dtype == ops.patch_mse_loss(pred.detach(), imgs.detach(), mask, P, norm, backend="torch", **kw).dtype
-    assert loss.shape == ()
-    assert_close(loss, ref, dtype)
-    wrt = [t for t in (pred, imgs) if t.requires_grad]
-    wrt_ref = [t for t in (p32, i32) if t.requires_grad]
-    for a, e in zip(torch.autograd.grad(loss, wrt), torch.autograd.grad(ref, wrt_ref)):
-        assert a.dtype == dtype
-        assert_close(a, e, dtype)
+    out_dtype = ops.patch_mse_loss(pred.detach(), imgs.detach(), mask, P, norm, backend="torch", **kw).dtype
+    check_against_reference(ops.patch_mse_loss, (pred, imgs, mask, P, norm), dtype, kwargs=kw, out_dtype=out_dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -199,14 +190,13 @@ def test_patch_mse_large_image_offsets(seed, tmp_path):
 
 def test_patch_mse_patch_too_large_for_one_program():
     """A patch the kernels' tile cannot hold: backend='triton' says so; 'auto' is told to decline it."""
-    from mae_fast.ops.patch_mse import _declines
-
+    op = ops.patch_mse.patch_mse_loss_op
     pred, imgs, mask, _ = make_inputs(1, 5, 64, 1, 1, 0, torch.float32)
     with pytest.raises(ValueError, match="patch_size=64, channels=5; backend='torch' takes any size"):
         ops.patch_mse_loss(pred, imgs, mask, 64, True, backend="triton")
-    assert "patch_size=64" in _declines(pred, imgs, mask, 64, True)
-    assert "float32, float16 or bfloat16" in _declines(pred.double(), imgs, mask, 64, True)
-    assert _declines(*make_inputs(1, 3, 16, 1, 1, 0, torch.float32)[:3], 16, True) is None
+    assert "patch_size=64" in op.unsupported("triton", pred, imgs, mask, 64, True)
+    assert "float32, float16 or bfloat16" in op.unsupported("triton", pred.double(), imgs, mask, 64, True)
+    assert op.unsupported("triton", *make_inputs(1, 3, 16, 1, 1, 0, torch.float32)[:3], 16, True) is None
 
 
 @pytest.mark.parametrize("masked_only", [False, True])

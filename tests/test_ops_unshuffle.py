@@ -5,7 +5,7 @@ On CPU the kernels run under TRITON_INTERPRET=1 (set by conftest): fp32 and fp16
 import pytest
 import torch
 
-from conftest import assert_close
+from conftest import assert_close, check_against_reference
 from mae_fast import ops
 from mae_fast.ops._triton import why_not_triton
 from triton_compile import run_compile_check
@@ -37,20 +37,11 @@ def make_inputs(N, L, K, d, dtype, device=DEV, noncontig=False, pos_grad=True):
 
 
 def check(inputs, dtype, grad_noncontig=False):
-    x, ids, mt, pos = inputs
-    out = ops.unshuffle_mask_tokens(x, ids, mt, pos, backend="triton")
-    ins = [t.detach().float().requires_grad_(t.requires_grad) for t in (x, mt, pos)]
-    ref = ops.unshuffle_mask_tokens(ins[0], ids, ins[1], ins[2], backend="torch")
-    assert out.dtype == dtype
-    assert_close(out, ref, dtype)
-    g = torch.randn_like(ref).to(dtype)
+    g = None
     if grad_noncontig:
-        g = torch.randn(ref.shape[2], ref.shape[1], ref.shape[0], device=ref.device).to(dtype).permute(2, 1, 0)
-    wrt = [t for t in (x, mt, pos) if t.requires_grad]
-    wrt_ref = [r for t, r in zip((x, mt, pos), ins) if t.requires_grad]
-    for a, e in zip(torch.autograd.grad(out, wrt, g), torch.autograd.grad(ref, wrt_ref, g.float())):
-        assert a.dtype == dtype
-        assert_close(a, e, dtype)
+        N, L1, d = inputs[0].shape[0], inputs[1].shape[1] + 1, inputs[0].shape[2]
+        g = torch.randn(d, L1, N, device=inputs[0].device).to(dtype).permute(2, 1, 0)
+    check_against_reference(ops.unshuffle_mask_tokens, inputs, dtype, grad_out=g)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -174,8 +165,8 @@ for dt in ("fp32", "fp16", "bf16"):
 
 def test_unshuffle_declines_for_auto():
     """A dtype the kernels do not take is declined, so that backend='auto' uses the reference."""
-    from mae_fast.ops.unshuffle import _declines
-
-    x, ids, mt, pos = torch.randn(2, 3, 8), torch.randperm(4).repeat(2, 1), torch.randn(1, 1, 8), torch.randn(1, 5, 8)
-    assert _declines(x, ids, mt, pos) is None
-    assert "x must be float32, float16 or bfloat16" in _declines(x.double(), ids, mt, pos)
+    op = ops.unshuffle.unshuffle_mask_tokens_op
+    x, mt, pos = (torch.randn(*s, device=DEV) for s in ((2, 3, 8), (1, 1, 8), (1, 5, 8)))
+    ids = torch.randperm(4, device=DEV).repeat(2, 1)
+    assert op.unsupported("triton", x, ids, mt, pos) is None
+    assert "x must be float32, float16 or bfloat16" in op.unsupported("triton", x.double(), ids, mt, pos)

@@ -9,11 +9,14 @@ A backend names who computes the fused ops:
 
 Precedence: an explicit ``backend=`` (per model or per call), then the innermost
 :func:`use_backend` scope, then the ``MAE_FAST_BACKEND`` environment variable, then ``auto``.
-Asking for a backend that cannot run is an error; only ``auto`` falls back, and it says so once.
 
-A backend covers the ops listed in :data:`COVERAGE`; under it, the other ops run their reference
-(``triton`` is the glue kernels with SDPA attention, ``cuda`` the attention extension with the
-reference glue). ``auto`` combines both.
+A backend covers the ops that registered an implementation under its name; the other ops run
+their reference under it (``triton`` is the glue kernels with SDPA attention, ``cuda`` the
+attention extension with the reference glue). ``auto`` combines both.
+
+Each implementation states once, in its ``problem`` function, what it cannot take (device,
+dtypes, shapes). Asked for by name, the switch raises that problem; under ``auto`` it falls back
+to the reference and logs the reason once.
 """
 from __future__ import annotations
 
@@ -21,16 +24,12 @@ import contextlib
 import logging
 import os
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional, Tuple, Type
 
 import torch
 
 BACKENDS = ("auto", "torch", "triton", "cuda")
 ENV_VAR = "MAE_FAST_BACKEND"
-COVERAGE = {
-    "triton": frozenset({"gather_patches", "embed_visible_patches", "unshuffle_mask_tokens", "patch_mse_loss"}),
-    "cuda": frozenset({"attention"}),
-}
 
 log = logging.getLogger("mae_fast")
 
@@ -41,6 +40,15 @@ _SCOPES: list[str] = []
 
 class BackendUnavailableError(RuntimeError):
     """A backend was asked for explicitly but cannot run here."""
+
+
+# What an implementation cannot take: the error an explicit request raises, and why.
+Problem = Optional[Tuple[Type[Exception], str]]
+
+
+def unavailable(reason: str | None) -> Problem:
+    """The problem of an implementation that cannot run on a device at all (None: it can)."""
+    return None if reason is None else (BackendUnavailableError, reason)
 
 
 def check_backend_name(name: str, argument: str = "backend") -> str:
@@ -72,18 +80,6 @@ def requested_backend(explicit: str | None = None) -> str:
     return "auto"
 
 
-@dataclass(frozen=True)
-class Impl:
-    """One implementation of an op: ``why_not(device)`` returns ``None`` when it can run on
-    that device, else the reason it cannot; ``declines(*args)``, when given, does the same for the
-    call's inputs (a dtype or shape the kernels do not take). ``auto`` then uses the reference; an
-    explicitly named backend runs ``fn``, which raises its own precise error."""
-
-    fn: Callable
-    why_not: Callable[[torch.device], str | None]
-    declines: Callable[..., str | None] | None = None
-
-
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
     """The autocast dtype in force for ``device``'s type, or None."""
     dt = torch.device(device).type
@@ -92,63 +88,69 @@ def autocast_dtype(device: torch.device) -> torch.dtype | None:
     return None
 
 
-def _always(device: torch.device) -> str | None:
-    return None
+@dataclass(frozen=True)
+class Impl:
+    """One implementation of an op: ``fn(*args)`` computes it; ``problem(*args)`` is None when
+    ``fn`` takes these inputs on their device, else ``(error type, reason)``. ``fn`` may then
+    assume its inputs are ones it takes."""
+
+    fn: Callable
+    problem: Callable[..., Problem]
 
 
 class Op:
-    """An op with a torch reference and optional fast implementations, tried by ``auto`` in
-    the order they were registered."""
+    """An op with a torch reference and optional fast implementations, tried by ``auto`` in the
+    order they were registered. The first argument of a call is a tensor on the op's device."""
 
     def __init__(self, name: str, reference: Callable):
         self.name = name
-        self.impls: dict[str, Impl] = {"torch": Impl(reference, _always)}
-        self._fast_order: list[str] = []
+        self.reference = reference
+        self.impls: dict[str, Impl] = {}
         self._warned: set[tuple[str, str]] = set()
 
-    def register(self, backend: str, fn: Callable, why_not: Callable[[torch.device], str | None],
-                 declines: Callable[..., str | None] | None = None) -> None:
-        if self.name not in COVERAGE.get(backend, ()):
-            raise ValueError(f"backend {backend!r} does not cover op {self.name!r} (see COVERAGE)")
-        self.impls[backend] = Impl(fn, why_not, declines)
-        if backend not in self._fast_order:
-            self._fast_order.append(backend)
+    def register(self, backend: str, fn: Callable, problem: Callable[..., Problem]) -> None:
+        if backend in ("auto", "torch"):
+            raise ValueError(f"backend {backend!r} cannot be registered: 'torch' is the reference, "
+                             f"'auto' a choice among the others")
+        self.impls[check_backend_name(backend)] = Impl(fn, problem)
 
-    def select(self, device: torch.device, explicit: str | None = None, args: tuple | None = None
-               ) -> tuple[str, Callable]:
-        """The (backend name, function) that computes this op on ``device`` (for the inputs
-        ``args``, when given: ``auto`` skips an implementation that declines them)."""
-        name = requested_backend(explicit)
+    def unsupported(self, backend: str, *args) -> str | None:
+        """Why ``backend``'s implementation does not take ``args`` (None: it does, or the backend
+        runs the reference for this op)."""
+        impl = self.impls.get(backend)
+        problem = impl.problem(*args) if impl is not None else None
+        return None if problem is None else problem[1]
+
+    def select(self, args: tuple, backend: str | None = None) -> tuple[str, Callable]:
+        """The (backend name, function) that computes this op on ``args``."""
+        name = requested_backend(backend)
         if name == "auto":
-            return self._select_auto(device, args)
-        if name != "torch" and self.name not in COVERAGE[name]:
-            return "torch", self.impls["torch"].fn
+            return self._select_auto(args)
         impl = self.impls.get(name)
-        if impl is None:
-            raise BackendUnavailableError(
-                f"backend {name!r} is not built into this install of mae_fast (op {self.name!r}); "
-                f"use backend='torch' or 'auto'"
-            )
-        reason = impl.why_not(device)
-        if reason is not None:
-            raise BackendUnavailableError(f"backend {name!r} cannot run op {self.name!r} on {device}: {reason}")
+        if impl is None:  # the backend does not cover this op: its reference runs
+            return "torch", self.reference
+        problem = impl.problem(*args)
+        if problem is not None:
+            error, reason = problem
+            if error is BackendUnavailableError:
+                reason = f"backend {name!r} cannot run op {self.name!r} on {args[0].device}: {reason}"
+            raise error(reason)
         return name, impl.fn
 
-    def _select_auto(self, device: torch.device, args: tuple | None) -> tuple[str, Callable]:
-        if device.type != "cpu":
-            for name in self._fast_order:
-                impl = self.impls[name]
-                reason = impl.why_not(device)
-                if reason is None and args is not None and impl.declines is not None:
-                    reason = impl.declines(*args)
-                if reason is None:
-                    return name, impl.fn
-                key = (name, reason)
-                if key not in self._warned:  # once per distinct reason, not once per call
-                    self._warned.add(key)
-                    log.warning("mae_fast: op %s falls back from %s to torch on %s: %s",
-                                self.name, name, device, reason)
-        return "torch", self.impls["torch"].fn
+    def _select_auto(self, args: tuple) -> tuple[str, Callable]:
+        device = args[0].device
+        if device.type == "cpu":  # the kernels' CPU paths (interpreter, C++ twin) are for tests
+            return "torch", self.reference
+        for name, impl in self.impls.items():
+            problem = impl.problem(*args)
+            if problem is None:
+                return name, impl.fn
+            key = (name, problem[1])
+            if key not in self._warned:  # once per distinct reason, not once per call
+                self._warned.add(key)
+                log.warning("mae_fast: op %s falls back from %s to torch on %s: %s",
+                            self.name, name, device, problem[1])
+        return "torch", self.reference
 
-    def __call__(self, *args, backend: str | None = None, device: torch.device):
-        return self.select(device, backend, args)[1](*args)
+    def __call__(self, *args, backend: str | None = None):
+        return self.select(args, backend)[1](*args)

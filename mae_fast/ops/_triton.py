@@ -1,4 +1,4 @@
-"""Shared helpers of the Triton ops: is Triton usable here, launch parameters, input checks.
+"""Shared helpers of the Triton ops: is Triton usable here, what its kernels take, launch parameters.
 
 Triton is optional: without it this module still imports, ``HAS_TRITON`` is False and
 :func:`why_not_triton` says why. On CPU tensors Triton runs only under its interpreter
@@ -11,7 +11,7 @@ import os
 
 import torch
 
-from ._backend import autocast_dtype  # noqa: F401  (re-exported for the op files)
+from ._backend import Problem, unavailable
 
 try:  # pragma: no cover - depends on the environment
     import triton
@@ -28,8 +28,6 @@ except Exception as e:  # ImportError, or a broken install
 # Whether the kernels of this package were decorated as interpreted functions: read once, at
 # import time, exactly as triton itself does.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-CHECK_IDS_ENV = "MAE_FAST_CHECK_IDS"
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -51,12 +49,18 @@ def why_not_triton(device: torch.device) -> str | None:
     return f"Triton kernels here support CUDA (and CPU under TRITON_INTERPRET=1), not {device.type}"
 
 
-def check_ids_enabled() -> bool:
-    """The debug mode: ``MAE_FAST_CHECK_IDS=1`` range-checks index tensors on the host. Never while
-    torch.compile traces (the check needs the values)."""
-    if torch.compiler.is_compiling():
-        return False
-    return os.environ.get(CHECK_IDS_ENV, "0") not in ("", "0")
+def triton_problem(**tensors: torch.Tensor) -> Problem:
+    """What the Triton kernels cannot take of these tensors: their device (the first one's), or a
+    dtype other than float32, float16 and bfloat16. None when they take them."""
+    first = next(iter(tensors.values()))
+    reason = why_not_triton(first.device)
+    if reason is not None:
+        return unavailable(reason)
+    for name, t in tensors.items():
+        if t.dtype not in FLOAT_DTYPES:
+            return TypeError, (f"{name} must be float32, float16 or bfloat16 for the triton backend, got {t.dtype} "
+                               f"(backend='torch' runs any floating dtype)")
+    return None
 
 
 def next_pow2(n: int) -> int:
@@ -78,68 +82,6 @@ def rows_block(n: int, cap: int = 1024, elems: int = 4096) -> tuple[int, int, in
     block = min(next_pow2(max(n, 16)), cap)
     rows = max(1, elems // block)
     return rows, block, 8
-
-
-# ---------------------------------------------------------------- input checks (clear errors)
-
-def check_tensor(t, name: str, ndim: int | None = None) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if ndim is not None and t.dim() != ndim:
-        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
-
-
-def check_float(t: torch.Tensor, name: str) -> None:
-    """Any floating dtype (the torch reference also runs in float64)."""
-    if not t.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
-
-
-def triton_dtype_problem(**tensors: torch.Tensor) -> str | None:
-    """Why the Triton kernels do not take these tensors' dtypes (float32, float16 and bfloat16
-    only), or None."""
-    for name, t in tensors.items():
-        if t.dtype not in FLOAT_DTYPES:
-            return (f"{name} must be float32, float16 or bfloat16 for the triton backend, got {t.dtype} "
-                    f"(backend='torch' runs any floating dtype)")
-    return None
-
-
-def check_triton_dtypes(**tensors: torch.Tensor) -> None:
-    problem = triton_dtype_problem(**tensors)
-    if problem is not None:
-        raise TypeError(problem)
-
-
-def check_ids(t: torch.Tensor, name: str) -> None:
-    if t.dtype != torch.int64:
-        raise TypeError(f"{name} must be int64 (torch.long), got {t.dtype}")
-
-
-def check_same_device(ref: torch.Tensor, ref_name: str, **others: torch.Tensor) -> None:
-    for name, t in others.items():
-        if t.device != ref.device:
-            raise ValueError(f"{name} must be on {ref_name}'s device {ref.device}, got {t.device}")
-
-
-def check_shape(t: torch.Tensor, name: str, expected: tuple) -> None:
-    if tuple(t.shape) != tuple(expected):
-        raise ValueError(f"{name} must have shape {tuple(expected)}, got {tuple(t.shape)}")
-
-
-def host_check_ids(ids: torch.Tensor, name: str, upper: int, unique: bool) -> None:
-    """Debug check (``MAE_FAST_CHECK_IDS=1``): every id in ``[0, upper)`` and, if ``unique``, no
-    id twice in a row. Costs a device->host sync and a sort of ``ids``."""
-    if ids.numel() == 0:
-        return
-    lo, hi = int(ids.min()), int(ids.max())
-    if lo < 0 or hi >= upper:
-        raise ValueError(f"{name} must hold ids in [0, {upper}), found values in [{lo}, {hi}]")
-    if unique and ids.shape[-1] > 1:
-        s = ids.sort(dim=-1).values
-        if bool((s[..., 1:] == s[..., :-1]).any()):
-            raise ValueError(f"{name} must not repeat an id within a row")
-
 
 
 def compile_for_cuda(kernel, signature: dict, constexprs: dict, arch: int = 90, num_warps: int = 4,

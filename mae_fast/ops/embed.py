@@ -9,25 +9,19 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._backend import Op
-from ._triton import (
-    HAS_TRITON,
-    autocast_dtype,
+from ._backend import Op, autocast_dtype
+from ._checks import (
     check_float,
     check_ids,
-    check_ids_enabled,
+    check_patch_grid,
     check_same_device,
     check_shape,
     check_tensor,
-    check_triton_dtypes,
-    host_check_ids,
-    rows_block,
-    triton,
-    tl,
-    triton_dtype_problem,
-    why_not_triton,
+    debug_check_ids,
 )
+from ._triton import HAS_TRITON, rows_block, tl, triton, triton_problem
 
+# ============================================================================ reference
 
 def gather_patches_reference(imgs: torch.Tensor, ids_keep: torch.Tensor, patch_size: int) -> torch.Tensor:
     """``(N, C, H, W)`` + ``(N, K)`` -> ``(N, K, C*P*P)``: kept patches' pixels in the conv
@@ -62,17 +56,18 @@ gather_patches_op = Op("gather_patches", gather_patches_reference)
 embed_visible_patches_op = Op("embed_visible_patches", embed_visible_patches_reference)
 
 
+
+# ============================================================================ entry point
+
 def gather_patches(imgs, ids_keep, patch_size, *, backend=None):
     """``(N, C, H, W)`` + ``ids_keep (N, K)`` int64 -> ``(N, K, C*P*P)`` in (c, p, q) order.
 
     ``ids_keep`` must hold distinct ids in ``[0, L)`` per row (as from ``argsort``); with
     ``MAE_FAST_CHECK_IDS=1`` this is checked on the host (a device sync and a sort).
     """
-    _check_gather_args(imgs, ids_keep, patch_size)
-    if check_ids_enabled():
-        N, C, H, W = imgs.shape
-        host_check_ids(ids_keep, "ids_keep", (H // patch_size) * (W // patch_size), unique=True)
-    return gather_patches_op(imgs, ids_keep, patch_size, backend=backend, device=imgs.device)
+    L = _check_gather_args(imgs, ids_keep, patch_size)
+    debug_check_ids(ids_keep, "ids_keep", L)
+    return gather_patches_op(imgs, ids_keep, patch_size, backend=backend)
 
 
 def embed_visible_patches(imgs, ids_keep, weight, bias, pos_embed, cls_token, *, backend=None):
@@ -85,43 +80,35 @@ def embed_visible_patches(imgs, ids_keep, weight, bias, pos_embed, cls_token, *,
     ``MAE_FAST_CHECK_IDS=1`` the ids are range- and uniqueness-checked on the host (a device sync
     and a sort of ``ids_keep``).
     """
-    _check_embed_args(imgs, ids_keep, weight, bias, pos_embed, cls_token)
-    if check_ids_enabled():
-        host_check_ids(ids_keep, "ids_keep", pos_embed.shape[1] - 1, unique=True)
-    return embed_visible_patches_op(
-        imgs, ids_keep, weight, bias, pos_embed, cls_token, backend=backend, device=imgs.device
-    )
+    L = _check_embed_args(imgs, ids_keep, weight, bias, pos_embed, cls_token)
+    debug_check_ids(ids_keep, "ids_keep", L)
+    return embed_visible_patches_op(imgs, ids_keep, weight, bias, pos_embed, cls_token, backend=backend)
 
 
-# ============================================================================ validation
-
-def _check_gather_args(imgs, ids_keep, patch_size) -> None:
+def _check_gather_args(imgs, ids_keep, patch_size) -> int:
+    """Returns L, the patches per image."""
     check_tensor(imgs, "imgs", 4)
     check_tensor(ids_keep, "ids_keep", 2)
     check_float(imgs, "imgs")
     check_ids(ids_keep, "ids_keep")
     check_same_device(imgs, "imgs", ids_keep=ids_keep)
-    if not isinstance(patch_size, int) or isinstance(patch_size, bool) or patch_size <= 0:
-        raise ValueError(f"patch_size must be a positive int, got {patch_size!r}")
-    N, C, H, W = imgs.shape
-    if H % patch_size or W % patch_size:
-        raise ValueError(f"imgs height and width must be multiples of patch_size={patch_size}, got H={H}, W={W}")
-    if ids_keep.shape[0] != N:
-        raise ValueError(f"ids_keep must have shape (N={N}, K), got {tuple(ids_keep.shape)}")
-    L = (H // patch_size) * (W // patch_size)
+    L = check_patch_grid(imgs, patch_size)
+    if ids_keep.shape[0] != imgs.shape[0]:
+        raise ValueError(f"ids_keep must have shape (N={imgs.shape[0]}, K), got {tuple(ids_keep.shape)}")
     if ids_keep.shape[1] > L:
         raise ValueError(f"ids_keep must keep at most L={L} patches per image, got K={ids_keep.shape[1]}")
+    return L
 
 
-def _check_embed_args(imgs, ids_keep, weight, bias, pos_embed, cls_token) -> None:
+def _check_embed_args(imgs, ids_keep, weight, bias, pos_embed, cls_token) -> int:
+    """Returns L, the patches per image."""
     check_tensor(weight, "weight", 4)
     if weight.shape[2] != weight.shape[3]:
         raise ValueError(f"weight must have shape (D, C, P, P), got {tuple(weight.shape)}")
     P = int(weight.shape[-1])
-    _check_gather_args(imgs, ids_keep, P)
+    L = _check_gather_args(imgs, ids_keep, P)
     N, C, H, W = imgs.shape
     D = weight.shape[0]
-    L = (H // P) * (W // P)
     check_tensor(bias, "bias", 1)
     check_tensor(pos_embed, "pos_embed", 3)
     check_tensor(cls_token, "cls_token", 3)
@@ -134,6 +121,7 @@ def _check_embed_args(imgs, ids_keep, weight, bias, pos_embed, cls_token) -> Non
     check_shape(cls_token, "cls_token", (1, 1, D))
     if autocast_dtype(imgs.device) is None and weight.dtype != imgs.dtype:
         raise TypeError(f"weight must have imgs' dtype {imgs.dtype} (outside autocast), got {weight.dtype}")
+    return L
 
 
 # ============================================================================ Triton kernels
@@ -227,6 +215,8 @@ if HAS_TRITON:
         tl.store(out_ptr + (rows * D)[:, None] + d[None, :], out.to(out_ptr.dtype.element_ty), mask=m2)
 
 
+# ============================================================================ host launchers
+
 def _launch_patch_copy(imgs, ids_keep, pat, P, scatter):
     N, C, H, W = imgs.shape
     K = ids_keep.shape[1]
@@ -242,7 +232,29 @@ def _launch_patch_copy(imgs, ids_keep, pat, P, scatter):
     )
 
 
-# ============================================================================ custom ops
+def _epilogue_dtype(y, bias, pos_embed, cls_token):
+    # As the reference: conv output (+bias) + pos_embed, cat with cls_token + pos_embed: promotion.
+    dt = torch.promote_types(y.dtype, bias.dtype)
+    dt = torch.promote_types(dt, pos_embed.dtype)
+    return torch.promote_types(dt, cls_token.dtype)
+
+
+def _launch_epilogue(y, ids_keep, bias, pos_embed, cls_token):
+    N, K, D = y.shape
+    out = torch.empty((N, 1 + K, D), dtype=_epilogue_dtype(y, bias, pos_embed, cls_token), device=y.device)
+    if out.numel():
+        ROWS, BLOCK_D, warps = rows_block(D)
+        total = N * (1 + K)
+        grid = (triton.cdiv(total, ROWS), triton.cdiv(D, BLOCK_D))
+        _embed_epilogue_kernel[grid](
+            y, ids_keep, bias, pos_embed, cls_token, out, total, K, D, pos_embed.shape[1] - 1,
+            *y.stride(), *ids_keep.stride(), bias.stride(0), pos_embed.stride(1), pos_embed.stride(2),
+            cls_token.stride(2), ROWS=ROWS, BLOCK_D=BLOCK_D, num_warps=warps,
+        )
+    return out
+
+
+# ============================================================================ custom ops + autograd
 
 @torch.library.custom_op("mae_fast::gather_patches", mutates_args=())
 def _gather_patches_cop(imgs: torch.Tensor, ids_keep: torch.Tensor, patch_size: int,
@@ -298,26 +310,7 @@ _gather_patches_cop.register_autograd(_gather_backward, setup_context=_gather_se
 @torch.library.custom_op("mae_fast::embed_epilogue", mutates_args=())
 def _embed_epilogue_cop(y: torch.Tensor, ids_keep: torch.Tensor, bias: torch.Tensor,
                         pos_embed: torch.Tensor, cls_token: torch.Tensor) -> torch.Tensor:
-    N, K, D = y.shape
-    dtype = _epilogue_dtype(y, bias, pos_embed, cls_token)
-    out = torch.empty((N, 1 + K, D), dtype=dtype, device=y.device)
-    ROWS, BLOCK_D, warps = rows_block(D)
-    total = N * (1 + K)
-    grid = (triton.cdiv(total, ROWS), triton.cdiv(D, BLOCK_D))
-    if out.numel():
-        _embed_epilogue_kernel[grid](
-            y, ids_keep, bias, pos_embed, cls_token, out, total, K, D, pos_embed.shape[1] - 1,
-            *y.stride(), *ids_keep.stride(), bias.stride(0), pos_embed.stride(1), pos_embed.stride(2),
-            cls_token.stride(2), ROWS=ROWS, BLOCK_D=BLOCK_D, num_warps=warps,
-        )
-    return out
-
-
-def _epilogue_dtype(y, bias, pos_embed, cls_token):
-    # As the reference: conv output (+bias) + pos_embed, cat with cls_token + pos_embed: promotion.
-    dt = torch.promote_types(y.dtype, bias.dtype)
-    dt = torch.promote_types(dt, pos_embed.dtype)
-    return torch.promote_types(dt, cls_token.dtype)
+    return _launch_epilogue(y, ids_keep, bias, pos_embed, cls_token)
 
 
 @_embed_epilogue_cop.register_fake
@@ -360,16 +353,14 @@ def _epilogue_backward(ctx, grad):
 _embed_epilogue_cop.register_autograd(_epilogue_backward, setup_context=_epilogue_setup)
 
 
-# ============================================================================ Triton backend
+# ============================================================================ registration
 
 def _gather_patches_triton(imgs, ids_keep, patch_size):
-    check_triton_dtypes(imgs=imgs)
     return _gather_patches_cop(imgs, ids_keep, patch_size, imgs.dtype)
 
 
 def _embed_visible_patches_triton(imgs, ids_keep, weight, bias, pos_embed, cls_token):
     """gather (Triton) -> ONE GEMM on the kept patches -> fused bias + pos_embed + cls (Triton)."""
-    check_triton_dtypes(imgs=imgs, weight=weight, bias=bias, pos_embed=pos_embed, cls_token=cls_token)
     N, C, H, W = imgs.shape
     D, _, P, _ = weight.shape
     K = ids_keep.shape[1]
@@ -381,13 +372,13 @@ def _embed_visible_patches_triton(imgs, ids_keep, weight, bias, pos_embed, cls_t
     return _embed_epilogue_cop(y.view(N, K, D), ids_keep, bias, pos_embed, cls_token)
 
 
-def _gather_declines(imgs, ids_keep, patch_size):
-    return triton_dtype_problem(imgs=imgs)
+def _gather_problem(imgs, ids_keep, patch_size):
+    return triton_problem(imgs=imgs)
 
 
-def _embed_declines(imgs, ids_keep, weight, bias, pos_embed, cls_token):
-    return triton_dtype_problem(imgs=imgs, weight=weight, bias=bias, pos_embed=pos_embed, cls_token=cls_token)
+def _embed_problem(imgs, ids_keep, weight, bias, pos_embed, cls_token):
+    return triton_problem(imgs=imgs, weight=weight, bias=bias, pos_embed=pos_embed, cls_token=cls_token)
 
 
-gather_patches_op.register("triton", _gather_patches_triton, why_not_triton, _gather_declines)
-embed_visible_patches_op.register("triton", _embed_visible_patches_triton, why_not_triton, _embed_declines)
+gather_patches_op.register("triton", _gather_patches_triton, _gather_problem)
+embed_visible_patches_op.register("triton", _embed_visible_patches_triton, _embed_problem)

@@ -6,28 +6,17 @@ from typing import Optional
 
 import torch
 
-from ._backend import Op
-from ._triton import (
-    HAS_TRITON,
-    check_float,
-    check_ids,
-    check_ids_enabled,
-    check_same_device,
-    check_tensor,
-    check_triton_dtypes,
-    host_check_ids,
-    next_pow2,
-    tl,
-    triton,
-    triton_dtype_problem,
-    why_not_triton,
-)
+from ._backend import Op, Problem
+from ._checks import check_float, check_ids, check_patch_grid, check_same_device, check_tensor, debug_check_ids
+from ._triton import HAS_TRITON, next_pow2, tl, triton, triton_problem
 from .patches import patchify
 
 NORM_PIX_EPS = 1e-6
 _MAX_TILE = 16384  # padded values per patch, next_pow2(P)**2 * next_pow2(C), one program holds
 _TILE_ELEMS = 4096  # padded values per program: several small patches share one
 
+
+# ============================================================================ reference
 
 def patch_mse_loss_reference(
     pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor, patch_size: int, norm_pix_loss: bool,
@@ -56,39 +45,7 @@ def patch_mse_loss_reference(
 patch_mse_loss_op = Op("patch_mse_loss", patch_mse_loss_reference)
 
 
-def _check_args(pred, imgs, mask, patch_size, norm_pix_loss, pred_ids) -> None:
-    check_tensor(pred, "pred", 3)
-    check_tensor(imgs, "imgs", 4)
-    check_tensor(mask, "mask", 2)
-    check_float(pred, "pred")
-    check_float(imgs, "imgs")
-    if not (mask.is_floating_point() or mask.dtype == torch.bool):
-        raise TypeError(f"mask must be a float or bool tensor, got {mask.dtype}")
-    check_same_device(pred, "pred", imgs=imgs, mask=mask)
-    if not isinstance(patch_size, int) or isinstance(patch_size, bool) or patch_size <= 0:
-        raise ValueError(f"patch_size must be a positive int, got {patch_size!r}")
-    if not isinstance(norm_pix_loss, bool):
-        raise TypeError(f"norm_pix_loss must be a bool, got {type(norm_pix_loss).__name__}")
-    N, C, H, W = imgs.shape
-    P = patch_size
-    if H % P or W % P:
-        raise ValueError(f"imgs height and width must be multiples of patch_size={P}, got H={H}, W={W}")
-    L = (H // P) * (W // P)
-    if tuple(mask.shape) != (N, L):
-        raise ValueError(f"mask must have shape (N={N}, L={L}), got {tuple(mask.shape)}")
-    if pred_ids is None:
-        expected = (N, L, P * P * C)
-    else:
-        check_tensor(pred_ids, "pred_ids", 2)
-        check_ids(pred_ids, "pred_ids")
-        check_same_device(pred, "pred", pred_ids=pred_ids)
-        if pred_ids.shape[0] != N or pred_ids.shape[1] > L:
-            raise ValueError(f"pred_ids must have shape (N={N}, M) with M <= L={L}, got {tuple(pred_ids.shape)}")
-        expected = (N, pred_ids.shape[1], P * P * C)
-    if tuple(pred.shape) != expected:
-        raise ValueError(f"pred must have shape {expected} (N, {'L' if pred_ids is None else 'M'}, P*P*C), "
-                         f"got {tuple(pred.shape)}")
-
+# ============================================================================ entry point
 
 def patch_mse_loss(pred, imgs, mask, patch_size, norm_pix_loss=False, *, pred_ids=None, backend=None):
     """MAE's loss: ``pred (N, L, P*P*C)`` in (p, q, c) pixel order, ``imgs (N, C, H, W)``,
@@ -105,12 +62,41 @@ def patch_mse_loss(pred, imgs, mask, patch_size, norm_pix_loss=False, *, pred_id
     difference: a NaN/inf in a kept patch's prediction does not reach the loss (the reference's
     ``loss * mask`` turns it into NaN); a NaN in a removed patch does, as in the reference.
     Ids outside ``[0, L)`` (without the debug check) read no memory: their patches weigh 0."""
-    _check_args(pred, imgs, mask, patch_size, norm_pix_loss, pred_ids)
-    if pred_ids is not None and check_ids_enabled():
-        N, C, H, W = imgs.shape
-        host_check_ids(pred_ids, "pred_ids", (H // patch_size) * (W // patch_size), unique=True)
-    return patch_mse_loss_op(pred, imgs, mask, patch_size, norm_pix_loss, pred_ids, backend=backend,
-                             device=pred.device)
+    L = _check_args(pred, imgs, mask, patch_size, norm_pix_loss, pred_ids)
+    if pred_ids is not None:
+        debug_check_ids(pred_ids, "pred_ids", L)
+    return patch_mse_loss_op(pred, imgs, mask, patch_size, norm_pix_loss, pred_ids, backend=backend)
+
+
+def _check_args(pred, imgs, mask, patch_size, norm_pix_loss, pred_ids) -> int:
+    """Returns L, the patches per image."""
+    check_tensor(pred, "pred", 3)
+    check_tensor(imgs, "imgs", 4)
+    check_tensor(mask, "mask", 2)
+    check_float(pred, "pred")
+    check_float(imgs, "imgs")
+    if not (mask.is_floating_point() or mask.dtype == torch.bool):
+        raise TypeError(f"mask must be a float or bool tensor, got {mask.dtype}")
+    check_same_device(pred, "pred", imgs=imgs, mask=mask)
+    L = check_patch_grid(imgs, patch_size)
+    if not isinstance(norm_pix_loss, bool):
+        raise TypeError(f"norm_pix_loss must be a bool, got {type(norm_pix_loss).__name__}")
+    N, C, P = imgs.shape[0], imgs.shape[1], patch_size
+    if tuple(mask.shape) != (N, L):
+        raise ValueError(f"mask must have shape (N={N}, L={L}), got {tuple(mask.shape)}")
+    if pred_ids is None:
+        expected = (N, L, P * P * C)
+    else:
+        check_tensor(pred_ids, "pred_ids", 2)
+        check_ids(pred_ids, "pred_ids")
+        check_same_device(pred, "pred", pred_ids=pred_ids)
+        if pred_ids.shape[0] != N or pred_ids.shape[1] > L:
+            raise ValueError(f"pred_ids must have shape (N={N}, M) with M <= L={L}, got {tuple(pred_ids.shape)}")
+        expected = (N, pred_ids.shape[1], P * P * C)
+    if tuple(pred.shape) != expected:
+        raise ValueError(f"pred must have shape {expected} (N, {'L' if pred_ids is None else 'M'}, P*P*C), "
+                         f"got {tuple(pred.shape)}")
+    return L
 
 
 # ============================================================================ Triton kernels
@@ -288,21 +274,20 @@ if HAS_TRITON:
                  mask=in_rows[:, None, None, None] & inside)
 
 
-def _tile_problem(channels: int, patch_size: int) -> str | None:
+# ============================================================================ host launchers
+
+def _tile_problem(channels: int, patch_size: int) -> Problem:
     """Why one program cannot hold a patch of this size, or None."""
     if next_pow2(patch_size) ** 2 * next_pow2(channels) > _MAX_TILE:
-        return (f"the triton patch_mse_loss handles next_pow2(patch_size)**2 * next_pow2(channels) <= {_MAX_TILE} "
-                f"values per patch (patch_size <= 64 with 3 channels), got patch_size={patch_size}, "
-                f"channels={channels}; backend='torch' takes any size")
+        return ValueError, (f"the triton patch_mse_loss handles next_pow2(patch_size)**2 * next_pow2(channels) "
+                            f"<= {_MAX_TILE} values per patch (patch_size <= 64 with 3 channels), got "
+                            f"patch_size={patch_size}, channels={channels}; backend='torch' takes any size")
     return None
 
 
 def _tile(imgs: torch.Tensor, patch_size: int) -> dict:
     """The kernels' compile-time tile: padded patch dims, patches per program, warps."""
     C, P = imgs.shape[1], patch_size
-    problem = _tile_problem(C, P)
-    if problem is not None:
-        raise ValueError(problem)
     P_PAD, C_PAD = next_pow2(P), next_pow2(C)
     per_patch = P_PAD * P_PAD * C_PAD
     R = max(1, _TILE_ELEMS // per_patch)
@@ -347,6 +332,23 @@ def _launch_fwd(pred, imgs, mask, pred_ids, patch_size, norm_pix_loss, weighted)
     return out
 
 
+def _launch_bwd(grad, pred, imgs, coef, pred_ids, msum, patch_size, norm_pix_loss, weighted):
+    N, M, PPC = pred.shape
+    dpred = torch.empty((N, M, PPC), dtype=pred.dtype, device=pred.device)
+    if dpred.numel():
+        tile = _tile(imgs, patch_size)
+        WP, L = _geometry(imgs, patch_size)
+        ids = _ids_or(pred_ids, coef)
+        _patch_mse_bwd_kernel[(_grid_size(N * M, tile["R"]),)](
+            pred, imgs, coef, ids, grad, msum, dpred, N * M, M, L, WP,
+            *pred.stride(), *imgs.stride(), *coef.stride(), *ids.stride(),
+            NORM=norm_pix_loss, EPS=NORM_PIX_EPS, HAS_IDS=pred_ids is not None, WEIGHTED=weighted, **tile,
+        )
+    return dpred
+
+
+# ============================================================================ custom ops + autograd
+
 @torch.library.custom_op("mae_fast::patch_mse_loss", mutates_args=())
 def _patch_mse_cop(pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor, pred_ids: Optional[torch.Tensor],
                    patch_size: int, norm_pix_loss: bool, out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -362,21 +364,6 @@ def _patch_mse_cop(pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor, p
 @_patch_mse_cop.register_fake
 def _(pred, imgs, mask, pred_ids, patch_size, norm_pix_loss, out_dtype):
     return pred.new_empty((), dtype=out_dtype), pred.new_empty((), dtype=torch.float32)
-
-
-def _launch_bwd(grad, pred, imgs, coef, pred_ids, msum, patch_size, norm_pix_loss, weighted):
-    N, M, PPC = pred.shape
-    dpred = torch.empty((N, M, PPC), dtype=pred.dtype, device=pred.device)
-    if dpred.numel():
-        tile = _tile(imgs, patch_size)
-        WP, L = _geometry(imgs, patch_size)
-        ids = _ids_or(pred_ids, coef)
-        _patch_mse_bwd_kernel[(_grid_size(N * M, tile["R"]),)](
-            pred, imgs, coef, ids, grad, msum, dpred, N * M, M, L, WP,
-            *pred.stride(), *imgs.stride(), *coef.stride(), *ids.stride(),
-            NORM=norm_pix_loss, EPS=NORM_PIX_EPS, HAS_IDS=pred_ids is not None, WEIGHTED=weighted, **tile,
-        )
-    return dpred
 
 
 @torch.library.custom_op("mae_fast::patch_mse_loss_backward", mutates_args=())
@@ -498,11 +485,12 @@ def _imgs_grad(coef, pred, imgs, pred_ids, P, norm):
     return dimgs.to(imgs.dtype)
 
 
+# ============================================================================ registration
+
 def _patch_mse_loss_triton(pred, imgs, mask, patch_size, norm_pix_loss, pred_ids=None):
     """Two launches forward (per-program partial sums reading pred and imgs at the removed
     patches only, then their fixed-order sum: deterministic), one backward. A mask that requires
     grad takes the per-patch kernel and a torch reduction instead."""
-    check_triton_dtypes(pred=pred, imgs=imgs)
     out_dtype = torch.promote_types(pred.dtype, imgs.dtype)
     if mask.is_floating_point():
         out_dtype = torch.promote_types(out_dtype, mask.dtype)
@@ -513,8 +501,8 @@ def _patch_mse_loss_triton(pred, imgs, mask, patch_size, norm_pix_loss, pred_ids
     return _patch_mse_cop(pred, imgs, mask, pred_ids, patch_size, norm_pix_loss, out_dtype)[0]
 
 
-def _declines(pred, imgs, mask, patch_size, norm_pix_loss, pred_ids=None):
-    return triton_dtype_problem(pred=pred, imgs=imgs) or _tile_problem(imgs.shape[1], patch_size)
+def _triton_problem(pred, imgs, mask, patch_size, norm_pix_loss, pred_ids=None):
+    return triton_problem(pred=pred, imgs=imgs) or _tile_problem(imgs.shape[1], patch_size)
 
 
-patch_mse_loss_op.register("triton", _patch_mse_loss_triton, why_not_triton, _declines)
+patch_mse_loss_op.register("triton", _patch_mse_loss_triton, _triton_problem)

@@ -4,24 +4,10 @@ from __future__ import annotations
 import torch
 
 from ._backend import Op
-from ._triton import (
-    HAS_TRITON,
-    check_float,
-    check_ids,
-    check_ids_enabled,
-    check_same_device,
-    check_shape,
-    check_tensor,
-    check_triton_dtypes,
-    host_check_ids,
-    row_block,
-    rows_block,
-    tl,
-    triton,
-    triton_dtype_problem,
-    why_not_triton,
-)
+from ._checks import check_float, check_ids, check_same_device, check_shape, check_tensor, debug_check_ids
+from ._triton import HAS_TRITON, row_block, rows_block, tl, triton, triton_problem
 
+# ============================================================================ reference
 
 def unshuffle_mask_tokens_reference(
     x: torch.Tensor, ids_restore: torch.Tensor, mask_token: torch.Tensor, pos_embed: torch.Tensor
@@ -38,6 +24,19 @@ def unshuffle_mask_tokens_reference(
 
 
 unshuffle_mask_tokens_op = Op("unshuffle_mask_tokens", unshuffle_mask_tokens_reference)
+
+
+# ============================================================================ entry point
+
+def unshuffle_mask_tokens(x, ids_restore, mask_token, pos_embed, *, backend=None):
+    """The decoder input ``(N, 1+L, d)``: ``x (N, 1+K, d)`` (cls row then the K kept tokens, in
+    ``ids_keep`` order), ``ids_restore (N, L)`` int64 (a permutation of ``0..L-1`` per row: values
+    ``< K`` pick ``x[:, 1 + value]``, the others ``mask_token (1, 1, d)``), plus
+    ``pos_embed (1, 1+L, d)``. With ``MAE_FAST_CHECK_IDS=1`` ``ids_restore`` is checked to be a
+    permutation on the host (a device sync and a sort)."""
+    _check_args(x, ids_restore, mask_token, pos_embed)
+    debug_check_ids(ids_restore, "ids_restore", ids_restore.shape[1])
+    return unshuffle_mask_tokens_op(x, ids_restore, mask_token, pos_embed, backend=backend)
 
 
 def _check_args(x, ids_restore, mask_token, pos_embed) -> None:
@@ -58,18 +57,6 @@ def _check_args(x, ids_restore, mask_token, pos_embed) -> None:
         raise ValueError(f"x must have shape (N, 1+K, d) with 0 <= K <= L={L}, got {tuple(x.shape)}")
     check_shape(mask_token, "mask_token", (1, 1, d))
     check_shape(pos_embed, "pos_embed", (1, 1 + L, d))
-
-
-def unshuffle_mask_tokens(x, ids_restore, mask_token, pos_embed, *, backend=None):
-    """The decoder input ``(N, 1+L, d)``: ``x (N, 1+K, d)`` (cls row then the K kept tokens, in
-    ``ids_keep`` order), ``ids_restore (N, L)`` int64 (a permutation of ``0..L-1`` per row: values
-    ``< K`` pick ``x[:, 1 + value]``, the others ``mask_token (1, 1, d)``), plus
-    ``pos_embed (1, 1+L, d)``. With ``MAE_FAST_CHECK_IDS=1`` ``ids_restore`` is checked to be a
-    permutation on the host (a device sync and a sort)."""
-    _check_args(x, ids_restore, mask_token, pos_embed)
-    if check_ids_enabled():
-        host_check_ids(ids_restore, "ids_restore", ids_restore.shape[1], unique=True)
-    return unshuffle_mask_tokens_op(x, ids_restore, mask_token, pos_embed, backend=backend, device=x.device)
 
 
 # ============================================================================ Triton kernels
@@ -147,14 +134,14 @@ if HAS_TRITON:
         tl.store(part_ptr + (n * n_chunks + tl.program_id(1)) * d + dd, tl.sum(removed, axis=0), mask=dd < d)
 
 
+# ============================================================================ host launchers
+
 def _out_dtype(x, mask_token, pos_embed):
     # As the reference: cat([x, mask tokens]) then + pos_embed, with type promotion.
     return torch.promote_types(torch.promote_types(x.dtype, mask_token.dtype), pos_embed.dtype)
 
 
-@torch.library.custom_op("mae_fast::unshuffle_mask_tokens", mutates_args=())
-def _unshuffle_cop(x: torch.Tensor, ids_restore: torch.Tensor, mask_token: torch.Tensor,
-                   pos_embed: torch.Tensor) -> torch.Tensor:
+def _launch_fwd(x, ids_restore, mask_token, pos_embed):
     N, K1, d = x.shape
     L = ids_restore.shape[1]
     out = torch.empty((N, 1 + L, d), dtype=_out_dtype(x, mask_token, pos_embed), device=x.device)
@@ -170,6 +157,37 @@ def _unshuffle_cop(x: torch.Tensor, ids_restore: torch.Tensor, mask_token: torch
     return out
 
 
+def _n_chunks(L1: int) -> int:
+    return (L1 + _BWD_CHUNK - 1) // _BWD_CHUNK
+
+
+def _launch_bwd(grad, ids_restore, num_kept, x_dtype):
+    """``(dx (N, 1+K, d), partial sums of d mask_token (N, chunks, d) fp32)``."""
+    N, L1, d = grad.shape
+    n_chunks = _n_chunks(L1)
+    # empty, not zeros: every row of dx is written exactly once when ids_restore is a permutation.
+    dx = torch.empty((N, 1 + num_kept, d), dtype=x_dtype, device=grad.device)
+    part = torch.empty((N, n_chunks, d), dtype=torch.float32, device=grad.device)
+    if grad.numel():
+        BLOCK_D, _ = row_block(d, cap=_BWD_TILE // _BWD_CHUNK)
+        warps = 8 if _BWD_CHUNK * BLOCK_D >= 4096 else 4
+        grid = (N, n_chunks, triton.cdiv(d, BLOCK_D))
+        _unshuffle_bwd_kernel[grid](
+            grad, ids_restore, dx, part, num_kept, L1 - 1, d, n_chunks,
+            *grad.stride(), *ids_restore.stride(),
+            CHUNK=_BWD_CHUNK, BLOCK_D=BLOCK_D, num_warps=warps,
+        )
+    return dx, part
+
+
+# ============================================================================ custom op + autograd
+
+@torch.library.custom_op("mae_fast::unshuffle_mask_tokens", mutates_args=())
+def _unshuffle_cop(x: torch.Tensor, ids_restore: torch.Tensor, mask_token: torch.Tensor,
+                   pos_embed: torch.Tensor) -> torch.Tensor:
+    return _launch_fwd(x, ids_restore, mask_token, pos_embed)
+
+
 @_unshuffle_cop.register_fake
 def _(x, ids_restore, mask_token, pos_embed):
     return x.new_empty((x.shape[0], 1 + ids_restore.shape[1], x.shape[2]),
@@ -179,31 +197,14 @@ def _(x, ids_restore, mask_token, pos_embed):
 @torch.library.custom_op("mae_fast::unshuffle_mask_tokens_backward", mutates_args=())
 def _unshuffle_bwd_cop(grad: torch.Tensor, ids_restore: torch.Tensor, num_kept: int,
                        x_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns ``(dx (N, 1+K, d), partial sums of d mask_token (N, chunks, d) fp32)``."""
-    N, L1, d = grad.shape
-    L = L1 - 1
-    n_chunks = triton.cdiv(L1, _BWD_CHUNK)
-    # empty, not zeros: every row of dx is written exactly once when ids_restore is a permutation.
-    dx = torch.empty((N, 1 + num_kept, d), dtype=x_dtype, device=grad.device)
-    part = torch.empty((N, n_chunks, d), dtype=torch.float32, device=grad.device)
-    if grad.numel():
-        BLOCK_D, _ = row_block(d, cap=_BWD_TILE // _BWD_CHUNK)
-        warps = 8 if _BWD_CHUNK * BLOCK_D >= 4096 else 4
-        grid = (N, n_chunks, triton.cdiv(d, BLOCK_D))
-        _unshuffle_bwd_kernel[grid](
-            grad, ids_restore, dx, part, num_kept, L, d, n_chunks,
-            *grad.stride(), *ids_restore.stride(),
-            CHUNK=_BWD_CHUNK, BLOCK_D=BLOCK_D, num_warps=warps,
-        )
-    return dx, part
+    return _launch_bwd(grad, ids_restore, num_kept, x_dtype)
 
 
 @_unshuffle_bwd_cop.register_fake
 def _(grad, ids_restore, num_kept, x_dtype):
     N, L1, d = grad.shape
-    n_chunks = (L1 + _BWD_CHUNK - 1) // _BWD_CHUNK
     return (grad.new_empty((N, 1 + num_kept, d), dtype=x_dtype),
-            grad.new_empty((N, n_chunks, d), dtype=torch.float32))
+            grad.new_empty((N, _n_chunks(L1), d), dtype=torch.float32))
 
 
 def _setup(ctx, inputs, output):
@@ -231,13 +232,10 @@ def _backward(ctx, grad):
 _unshuffle_cop.register_autograd(_backward, setup_context=_setup)
 
 
-def _unshuffle_mask_tokens_triton(x, ids_restore, mask_token, pos_embed):
-    check_triton_dtypes(x=x, mask_token=mask_token, pos_embed=pos_embed)
-    return _unshuffle_cop(x, ids_restore, mask_token, pos_embed)
+# ============================================================================ registration
+
+def _triton_problem(x, ids_restore, mask_token, pos_embed):
+    return triton_problem(x=x, mask_token=mask_token, pos_embed=pos_embed)
 
 
-def _declines(x, ids_restore, mask_token, pos_embed):
-    return triton_dtype_problem(x=x, mask_token=mask_token, pos_embed=pos_embed)
-
-
-unshuffle_mask_tokens_op.register("triton", _unshuffle_mask_tokens_triton, why_not_triton, _declines)
+unshuffle_mask_tokens_op.register("triton", _unshuffle_cop, _triton_problem)
