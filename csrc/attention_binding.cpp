@@ -3,13 +3,17 @@
 //   mae_fast::attention_bwd(Tensor dout, Tensor qkv, Tensor out, Tensor lse) -> Tensor dqkv
 // with the C++ CPU twin (attention_cpu.cpp) and, when built with WITH_CUDA, the CUDA kernels
 // (attention/*.cu, reached through the params struct and launchers of attention_params.h).
+// The input checks live here, shared by both: the CPU twin and the kernels get checked inputs.
 #include <Python.h>
 
 #include <cmath>
 #include <cstdint>
+#include <string>
+#include <vector>
 
 #include <torch/library.h>
 
+#include "attention/head_dims.h"
 #include "attention_cpu.h"
 
 #ifdef WITH_CUDA
@@ -23,8 +27,91 @@
 
 namespace mae_fast {
 
-#ifdef WITH_CUDA
 namespace {
+
+// ---------------------------------------------------------------------------------------------
+// Input checks, shared by the CPU and CUDA impls. The Python entry (mae_fast/ops/attention.py)
+// raises qkv's dtype, head-dim and stride errors itself, before calling the op: on the H200
+// machine (torch 2.11, cu130) some errors thrown inside the extension crashed the process
+// instead of raising.
+
+bool is_cuda_dtype(at::ScalarType t) { return t == at::kHalf || t == at::kBFloat16; }
+
+// "2, 5, 3": integer lists for error messages, formatted here rather than by streaming an
+// IntArrayRef (on the H200 machine, torch 2.11 cu130, the errors whose messages streamed one
+// crashed the process while the others raised; unconfirmed cause, so we avoid it).
+std::string join(at::IntArrayRef values) {
+  std::string s;
+  for (size_t i = 0; i < values.size(); ++i) s += (i ? ", " : "") + std::to_string(values[i]);
+  return s;
+}
+
+// "(2, 5, 3)": shapes and strides.
+std::string dims_str(at::IntArrayRef dims) { return "(" + join(dims) + ")"; }
+
+// Checks qkv is (B, N, 3, H, D), floating, innermost stride 1 (and, for CUDA, fp16/bf16 and a
+// head dim of head_dims.h). Errors name the op and the argument.
+QkvDims check_qkv(const at::Tensor& qkv, const char* op) {
+  TORCH_CHECK_VALUE(qkv.dim() == 5 && qkv.size(2) == 3, op, ": qkv must have shape (B, N, 3, H, D), got ",
+                    dims_str(qkv.sizes()));
+  const bool cuda = qkv.is_cuda();
+  TORCH_CHECK_VALUE(cuda || qkv.is_cpu(), op, ": qkv must be on a CPU or CUDA device, got ", qkv.device());
+  if (cuda) {
+    TORCH_CHECK_TYPE(is_cuda_dtype(qkv.scalar_type()), op, ": qkv must be float16 or bfloat16 on CUDA, got ",
+                     qkv.scalar_type());
+  } else {
+    TORCH_CHECK_TYPE(is_cuda_dtype(qkv.scalar_type()) || qkv.scalar_type() == at::kFloat, op,
+                     ": qkv must be float16, bfloat16 or float32 on CPU, got ", qkv.scalar_type());
+  }
+  const QkvDims d{qkv.size(0), qkv.size(1), qkv.size(3), qkv.size(4)};
+  TORCH_CHECK_VALUE(d.D >= 1, op, ": qkv head dim (size 4) must be >= 1, got ", d.D);
+  if (cuda) {
+    TORCH_CHECK_VALUE(is_supported_head_dim(d.D), op, ": qkv head dim (size 4) must be one of ",
+                      join(kCudaHeadDims), " on CUDA, got ", d.D);
+  }
+  TORCH_CHECK_VALUE(qkv.stride(4) == 1 || d.D == 1, op,
+                    ": qkv must have innermost (head-dim) stride 1, got strides ", dims_str(qkv.strides()),
+                    "; pass qkv.contiguous() or a view of the qkv Linear's output");
+  return d;
+}
+
+// check_qkv for attention_bwd, then dout/out (B, N, H*D) and lse (B, H, N) fp32 against qkv's
+// dims, dtype and device.
+QkvDims check_bwd_args(const at::Tensor& dout, const at::Tensor& qkv, const at::Tensor& out, const at::Tensor& lse) {
+  const QkvDims d = check_qkv(qkv, "attention_bwd");
+  const std::vector<int64_t> out_shape{d.B, d.N, d.H * d.D};
+  const std::vector<int64_t> lse_shape{d.B, d.H, d.N};
+  TORCH_CHECK_VALUE(dout.sizes() == at::IntArrayRef(out_shape), "attention_bwd: dout must have shape ",
+                    dims_str(out_shape), ", got ", dims_str(dout.sizes()));
+  TORCH_CHECK_VALUE(out.sizes() == at::IntArrayRef(out_shape), "attention_bwd: out must have shape ",
+                    dims_str(out_shape), ", got ", dims_str(out.sizes()));
+  TORCH_CHECK_VALUE(lse.sizes() == at::IntArrayRef(lse_shape), "attention_bwd: lse must have shape ",
+                    dims_str(lse_shape), ", got ", dims_str(lse.sizes()));
+  TORCH_CHECK_TYPE(dout.scalar_type() == qkv.scalar_type() && out.scalar_type() == qkv.scalar_type(),
+                   "attention_bwd: dout and out must have qkv's dtype ", qkv.scalar_type(), ", got ",
+                   dout.scalar_type(), " and ", out.scalar_type());
+  TORCH_CHECK_TYPE(lse.scalar_type() == at::kFloat, "attention_bwd: lse must be float32, got ", lse.scalar_type());
+  TORCH_CHECK_VALUE(dout.device() == qkv.device() && out.device() == qkv.device() && lse.device() == qkv.device(),
+                    "attention_bwd: dout, out and lse must be on qkv's device ", qkv.device());
+  return d;
+}
+
+// ---------------------------------------------------------------------------------------------
+// CPU: the C++ twin.
+
+std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu_impl(const at::Tensor& qkv) {
+  return attention_fwd_cpu(qkv, check_qkv(qkv, "attention_fwd"));
+}
+
+at::Tensor attention_bwd_cpu_impl(const at::Tensor& dout, const at::Tensor& qkv, const at::Tensor& out,
+                                  const at::Tensor& lse) {
+  const QkvDims d = check_bwd_args(dout, qkv, out, lse);
+  return attention_bwd_cpu(dout, qkv, out, lse, d);
+}
+
+#ifdef WITH_CUDA
+// ---------------------------------------------------------------------------------------------
+// CUDA: the kernels.
 
 // The kernels move 16-byte vectors: every row they load must start 16-byte aligned.
 bool rows_16b_aligned(const at::Tensor& t, int64_t last_dim_to_check) {
@@ -92,8 +179,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda_impl(const at::Tensor& qkv
 
 at::Tensor attention_bwd_cuda_impl(const at::Tensor& dout_in, const at::Tensor& qkv_in, const at::Tensor& out_in,
                                    const at::Tensor& lse_in) {
-  const QkvDims d = check_qkv(qkv_in, "attention_bwd");
-  check_bwd_args(dout_in, qkv_in, out_in, lse_in, d);
+  const QkvDims d = check_bwd_args(dout_in, qkv_in, out_in, lse_in);
   check_grid(d, "attention_bwd");
   c10::cuda::CUDAGuard guard(qkv_in.device());
   const at::Tensor qkv = aligned(qkv_in, 3);
@@ -124,8 +210,9 @@ at::Tensor attention_bwd_cuda_impl(const at::Tensor& dout_in, const at::Tensor& 
   return dqkv;
 }
 
-}  // namespace
 #endif  // WITH_CUDA
+
+}  // namespace
 
 }  // namespace mae_fast
 
@@ -136,8 +223,8 @@ TORCH_LIBRARY_FRAGMENT(mae_fast, m) {
 }
 
 TORCH_LIBRARY_IMPL(mae_fast, CPU, m) {
-  m.impl("attention_fwd", &mae_fast::attention_fwd_cpu);
-  m.impl("attention_bwd", &mae_fast::attention_bwd_cpu);
+  m.impl("attention_fwd", &mae_fast::attention_fwd_cpu_impl);
+  m.impl("attention_bwd", &mae_fast::attention_bwd_cpu_impl);
 }
 
 #ifdef WITH_CUDA

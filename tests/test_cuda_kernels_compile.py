@@ -46,7 +46,8 @@ pytestmark = pytest.mark.skipif(NVCC is None or CUOBJDUMP is None, reason="needs
 
 
 def _smem_bytes(kind, D, elem=2):
-    """Dynamic shared memory per CTA; mirrors FwdConfig/BwdConfig in attention_kernels.cuh."""
+    """Dynamic shared memory per CTA; mirrors FwdConfig (fwd_kernel.cuh) and BwdConfig and
+    BwdSmallConfig (bwd_kernels.cuh)."""
     pitch, m = D + 8, 64
     n = 64 if kind == "fwd" or D <= 64 else 32
     if kind == "fwd":  # Q + two stages of (K, V)

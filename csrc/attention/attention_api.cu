@@ -1,5 +1,5 @@
 // Dispatch by head dim, and the backward preprocessing kernel (shared by every head dim).
-#include "attention_kernels.cuh"
+#include "launch.cuh"
 
 namespace mae_fast {
 
@@ -8,24 +8,25 @@ cudaError_t attention_bwd_delta(const AttentionParams& p, cudaStream_t stream) {
                                          : attn::run_delta<__half>(p, stream);
 }
 
+// One case per head dim of head_dims.h: attention_<DIR>_hdim<D>.
+#define MAE_FAST_HDIM_CASE(DIR, D) \
+  case D:                          \
+    return attention_##DIR##_hdim##D(p, stream);
+
 cudaError_t attention_fwd_cuda(const AttentionParams& p, cudaStream_t stream) {
   switch (p.D) {
-    case 32: return attention_fwd_hdim32(p, stream);
-    case 64: return attention_fwd_hdim64(p, stream);
-    case 80: return attention_fwd_hdim80(p, stream);
-    case 128: return attention_fwd_hdim128(p, stream);
+    MAE_FAST_FOR_EACH_HEAD_DIM(MAE_FAST_HDIM_CASE, fwd)
     default: return cudaErrorInvalidValue;
   }
 }
 
 cudaError_t attention_bwd_cuda(const AttentionParams& p, cudaStream_t stream) {
   switch (p.D) {
-    case 32: return attention_bwd_hdim32(p, stream);
-    case 64: return attention_bwd_hdim64(p, stream);
-    case 80: return attention_bwd_hdim80(p, stream);
-    case 128: return attention_bwd_hdim128(p, stream);
+    MAE_FAST_FOR_EACH_HEAD_DIM(MAE_FAST_HDIM_CASE, bwd)
     default: return cudaErrorInvalidValue;
   }
 }
+
+#undef MAE_FAST_HDIM_CASE
 
 }  // namespace mae_fast

@@ -1,4 +1,4 @@
 // Kernels for head dim 32 (fp16 and bf16); one file per head dim so builds run in parallel.
-#include "attention_kernels.cuh"
+#include "launch.cuh"
 
 MAE_FAST_ATTENTION_HDIM(32)

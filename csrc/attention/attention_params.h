@@ -8,6 +8,8 @@
 
 #include <cuda_runtime_api.h>
 
+#include "head_dims.h"
+
 namespace mae_fast {
 
 enum class AttnDtype : int { kFloat16 = 0, kBFloat16 = 1 };
@@ -38,9 +40,6 @@ struct AttentionParams {
   AttnDtype dtype;
 };
 
-// Head dims with compiled kernels.
-inline bool attention_cuda_supports_head_dim(int d) { return d == 32 || d == 64 || d == 80 || d == 128; }
-
 // Entry points: dispatch on dtype and head dim, launch on `stream`, return the launch error.
 // The pointers must be 16-byte aligned and the qkv/out/dout/dqkv row strides multiples of 8
 // elements (the kernels move 16-byte vectors); the binding checks or copies.
@@ -49,15 +48,14 @@ inline bool attention_cuda_supports_head_dim(int d) { return d == 32 || d == 64 
 cudaError_t attention_fwd_cuda(const AttentionParams& p, cudaStream_t stream);
 cudaError_t attention_bwd_cuda(const AttentionParams& p, cudaStream_t stream);
 
-// Per head dim (one .cu file each, so they compile in parallel).
-cudaError_t attention_fwd_hdim32(const AttentionParams& p, cudaStream_t stream);
-cudaError_t attention_fwd_hdim64(const AttentionParams& p, cudaStream_t stream);
-cudaError_t attention_fwd_hdim80(const AttentionParams& p, cudaStream_t stream);
-cudaError_t attention_fwd_hdim128(const AttentionParams& p, cudaStream_t stream);
-cudaError_t attention_bwd_hdim32(const AttentionParams& p, cudaStream_t stream);
-cudaError_t attention_bwd_hdim64(const AttentionParams& p, cudaStream_t stream);
-cudaError_t attention_bwd_hdim80(const AttentionParams& p, cudaStream_t stream);
-cudaError_t attention_bwd_hdim128(const AttentionParams& p, cudaStream_t stream);
+// Per head dim D of head_dims.h, attention_fwd_hdim<D> and attention_bwd_hdim<D> (one .cu file
+// each, so they compile in parallel).
+#define MAE_FAST_DECLARE_HDIM(DIR, D) \
+  cudaError_t attention_##DIR##_hdim##D(const AttentionParams& p, cudaStream_t stream);
+MAE_FAST_FOR_EACH_HEAD_DIM(MAE_FAST_DECLARE_HDIM, fwd)
+MAE_FAST_FOR_EACH_HEAD_DIM(MAE_FAST_DECLARE_HDIM, bwd)
+#undef MAE_FAST_DECLARE_HDIM
+
 // Backward preprocessing, delta = rowsum(dout * out); called by attention_bwd_hdim*.
 cudaError_t attention_bwd_delta(const AttentionParams& p, cudaStream_t stream);
 
