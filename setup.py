@@ -4,7 +4,7 @@ the C++ part (the CPU twin) alone otherwise.
 
 torch must be importable at build time, so install with ``pip install --no-build-isolation``;
 without torch (an isolated build) the package installs without ``_C`` and
-``mae_fast.ops.attention`` JIT-builds the extension on first use instead.
+``mae_fast/ops/_extension.py`` JIT-builds the extension on first use instead.
 Environment: ``MAE_FAST_NO_EXTENSION=1`` skips the extension; ``MAE_FAST_CPU_ONLY=1`` leaves out
 the CUDA kernels; ``MAE_FAST_CUDA_ARCHS`` (e.g. ``90a``) picks the archs; ``MAX_JOBS`` caps the parallel compile jobs (ninja).
 """
