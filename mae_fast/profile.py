@@ -132,15 +132,23 @@ def profile(model, imgs, mask_ratio=0.75, *, warmup=2, repeats=5, dtype=None, tr
             _staged_step(model, imgs, mask_ratio, noise, clock)
         prof.export_chrome_trace(trace)
     med = {s: (statistics.median(r[s][0] for r in runs), statistics.median(r[s][1] for r in runs)) for s in STAGES}
-    # the fast embedding runs the patch GEMM on the kept patches only: count what runs
-    visible_only = (model.plain_patch_embed()
-                    and embed_visible_patches_op.select(device, model.backend)[0] != "torch")
     macs = flops.stage_macs(flops.ModelDims.of(model), mask_ratio, encoder_mask_tokens=model.encoder_mask_tokens,
-                            visible_patch_embed=visible_only)
+                            visible_patch_embed=_embeds_visible_only(model, imgs, mask_ratio, noise))
     total_ms = sum(f + b for f, b in med.values())
     total_macs = sum(macs.values())
     return [StageRow(s, f, b, (f + b) / total_ms, sum(macs[k] for k in STAGE_FLOPS.get(s, ())) / total_macs)
             for s, (f, b) in med.items()]
+
+
+def _embeds_visible_only(model, imgs, mask_ratio, noise) -> bool:
+    """Whether the embedding runs the patch GEMM on the kept patches only (the fused op's
+    implementations do; the reference embeds every patch): the FLOPs count what runs."""
+    if not model.plain_patch_embed():
+        return False
+    ids_keep = model.masking_ids(imgs.shape[0], model.num_patches, mask_ratio, imgs.device, noise)[0]
+    args = (imgs, ids_keep, model.patch_embed.proj.weight, model.patch_embed.proj.bias, model.pos_embed,
+            model.cls_token)
+    return embed_visible_patches_op.select(args, model.backend)[0] != "torch"
 
 
 def format_profile(rows: list[StageRow], title: str) -> str:
