@@ -23,7 +23,6 @@ import torch
 
 from . import flops, hf, models_mae
 
-BENCH_MODELS = models_mae.MODELS
 VARIANTS = ("torch", "auto", "auto+compile", "encoder_mask_tokens", "hf_eager", "hf_sdpa")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -42,8 +41,8 @@ class BenchConfig:
     compile_on_cpu: bool = False
 
     def __post_init__(self):
-        if self.model not in BENCH_MODELS:
-            raise ValueError(f"model must be one of {sorted(BENCH_MODELS)}, got {self.model!r}")
+        if self.model not in models_mae.MODELS:
+            raise ValueError(f"model must be one of {sorted(models_mae.MODELS)}, got {self.model!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         bad = [v for v in self.variants if v not in VARIANTS]
@@ -147,7 +146,7 @@ def build_variant(name: str, base: models_mae.MaskedAutoencoderViT, cfg: BenchCo
     """(model, forward(imgs, noise) -> loss) for a variant, carrying ``base``'s weights; raises
     ``RuntimeError`` with the reason when the variant cannot run here."""
     device = torch.device(cfg.device)
-    factory = partial(BENCH_MODELS[cfg.model], img_size=cfg.img_size)
+    factory = partial(models_mae.create_model, cfg.model, img_size=cfg.img_size)
     if name in ("torch", "auto", "auto+compile", "encoder_mask_tokens"):
         backend = "torch" if name == "torch" else "auto"
         model = factory(backend=backend, encoder_mask_tokens=name == "encoder_mask_tokens")
@@ -207,7 +206,7 @@ def run_row(name: str, base, cfg: BenchConfig, imgs, noise, train_gflops: float,
 def run(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -> BenchResult:
     device = torch.device(cfg.device)
     torch.manual_seed(0)
-    base = BENCH_MODELS[cfg.model](img_size=cfg.img_size)
+    base = models_mae.create_model(cfg.model, img_size=cfg.img_size)
     dims = flops.ModelDims.of(base)
     plain = flops.summarize(flops.stage_macs(dims, cfg.mask_ratio))
     ablation = flops.summarize(flops.stage_macs(dims, cfg.mask_ratio, encoder_mask_tokens=True))

@@ -1,4 +1,6 @@
-"""``mae-fast``: the command line. Argument parsing and printing only; the work is elsewhere."""
+"""mae-fast: a faster drop-in for the authors' Masked Autoencoder (MAE). Pretrain it with their
+recipe and draw its reconstructions, measure where a training step's time goes (throughput beside
+the reference and HuggingFace, FLOPs, a per-stage profile), and convert checkpoints."""
 from __future__ import annotations
 
 import argparse
@@ -7,7 +9,7 @@ import sys
 
 import torch
 
-from . import bench, flops
+from . import bench, flops, models_mae
 
 
 def _default_device() -> str:
@@ -44,7 +46,7 @@ def _write_report(args, cfg, result) -> None:
     mask_sweep = bench.sweep_mask_ratio(cfg, ratios) if ratios else None
     batch_sweep = bench.sweep_batch_size(cfg, sizes) if sizes else None
     torch.manual_seed(0)
-    model = bench.BENCH_MODELS[cfg.model](img_size=cfg.img_size, backend="auto").to(cfg.device)
+    model = models_mae.create_model(cfg.model, img_size=cfg.img_size, backend="auto").to(cfg.device)
     imgs = torch.randn(cfg.batch_size, model.in_chans, *model.patch_embed.img_size, device=cfg.device)
     stages = profile.profile(model, imgs, cfg.mask_ratio, warmup=cfg.warmup, repeats=cfg.repeats,
                              dtype=None if cfg.dtype == "fp32" else bench.DTYPES[cfg.dtype])
@@ -56,10 +58,10 @@ def _write_report(args, cfg, result) -> None:
 def cmd_flops(args) -> int:
     report = {}
     for name in args.models.split(","):
-        if name not in bench.BENCH_MODELS:
-            raise SystemExit(f"--models: unknown model {name!r}; choose from {sorted(bench.BENCH_MODELS)}")
+        if name not in models_mae.MODELS:
+            raise SystemExit(f"--models: unknown model {name!r}; choose from {sorted(models_mae.MODELS)}")
         with torch.device("meta"):
-            dims = flops.ModelDims.of(bench.BENCH_MODELS[name]())
+            dims = flops.ModelDims.of(models_mae.create_model(name))
         report[name] = {
             variant: flops.summarize(flops.stage_macs(dims, args.mask_ratio, encoder_mask_tokens=emt)).to_dict()
             for variant, emt in (("without_mask_tokens", False), ("with_mask_tokens", True))}
@@ -99,8 +101,8 @@ def cmd_profile(args) -> int:
     if dtype != torch.float32 and not on_gpu:
         raise ValueError(f"--dtype {args.dtype} (autocast) is for CUDA; use fp32 on {device}")
     torch.manual_seed(0)
-    model = bench.BENCH_MODELS[name](img_size=args.img_size, backend=args.backend,
-                                     encoder_mask_tokens=args.encoder_mask_tokens).to(device)
+    model = models_mae.create_model(name, img_size=args.img_size, backend=args.backend,
+                                    encoder_mask_tokens=args.encoder_mask_tokens).to(device)
     imgs = torch.randn(batch, model.in_chans, *model.patch_embed.img_size, device=device)
     rows = profile.profile(model, imgs, args.mask_ratio, warmup=args.warmup, repeats=args.repeats,
                            dtype=None if dtype == torch.float32 else dtype, trace=args.trace)
@@ -128,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("bench", help="training-step throughput, our backends and peers side by side")
-    p.add_argument("--model", choices=sorted(bench.BENCH_MODELS),
+    p.add_argument("--model", choices=sorted(models_mae.MODELS),
                    help="default: mae_vit_large_patch16 on a GPU, mae_vit_tiny_patch16 on a CPU")
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--batch-size", type=int, help="default: 256 on a GPU, 16 on a CPU")
@@ -153,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_flops)
 
     p = sub.add_parser("profile", help="time per stage (forward and backward) beside the FLOPs per stage")
-    p.add_argument("--model", choices=sorted(bench.BENCH_MODELS))
+    p.add_argument("--model", choices=sorted(models_mae.MODELS))
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--mask-ratio", type=float, default=0.75)
