@@ -3,6 +3,9 @@
 - Official files: ``torch.save({'model': state_dict, 'optimizer': ..., 'args': Namespace, ...})``;
   the ``mae_pretrain_*`` files hold the encoder only, ``mae_visualize_*`` encoder and decoder.
 - Plain state dicts, and safetensors files.
+- Our training checkpoints (written and resumed by :mod:`mae_fast.pretrain`): the authors' layout
+  ``{'model', 'optimizer', 'epoch', 'scaler', 'args'}`` with ``args`` a plain dict, so that both
+  ``weights_only=True`` and the authors' ``misc.load_model`` read them.
 
 Torch files are always read with ``weights_only=True``. The authors' training checkpoints pickle an
 ``argparse.Namespace`` under ``'args'``; we read the weights without building it (it becomes a
@@ -11,8 +14,10 @@ refused, naming it: such a pickle could run code.
 """
 from __future__ import annotations
 
+import glob
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Mapping
 
@@ -160,3 +165,131 @@ def convert_to_safetensors(src, dst) -> list[str]:
     state, skipped = read_state_dict(src)
     save_safetensors(state, dst, metadata={"source": os.path.basename(os.fspath(src))})
     return skipped
+
+
+# ---------------------------------------------------------------------------- training checkpoints
+# The authors' loader always loads a scaler state: a run without fp16 writes a fresh GradScaler's.
+DEFAULT_SCALER_STATE = {"scale": 65536.0, "growth_factor": 2.0, "backoff_factor": 0.5,
+                        "growth_interval": 2000, "_growth_tracker": 0}
+
+
+def plain_args(args, **extra) -> dict:
+    """``vars(args)`` as plain data (str, int, float, bool, None, lists): loadable with weights_only."""
+    out = {}
+    for key, value in {**vars(args), **extra}.items():
+        if key == "func":  # the mae-fast dispatcher's handler
+            continue
+        if value is None or isinstance(value, (bool, int, float, str)):
+            out[key] = value
+        elif isinstance(value, (list, tuple)):
+            out[key] = [v if isinstance(v, (bool, int, float, str)) or v is None else str(v) for v in value]
+        else:
+            out[key] = str(value)
+    return out
+
+
+def training_checkpoint(model_state: Mapping, optimizer_state: dict, epoch: int, scaler_state: dict | None,
+                        args, **extra_args) -> dict:
+    """The authors' layout, on the CPU; ``extra_args`` join ``args`` (e.g. ``world_size``)."""
+    return {"model": {k: v.detach().cpu() for k, v in model_state.items()},
+            "optimizer": optimizer_state,
+            "epoch": epoch,
+            "scaler": scaler_state or dict(DEFAULT_SCALER_STATE),
+            "args": plain_args(args, **extra_args)}
+
+
+def atomic_save(obj, path: str) -> None:
+    """``torch.save`` to ``path.tmp`` in the same folder, fsync, then rename over ``path``: a crash
+    mid-write never leaves a truncated checkpoint under the real name."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def checkpoint_epochs(output_dir: str) -> list[tuple[int, str]]:
+    """``[(epoch, path)]`` of the ``checkpoint-<epoch>.pth`` files in ``output_dir``, oldest first."""
+    found = []
+    for path in glob.glob(os.path.join(output_dir, "checkpoint-*.pth")):
+        m = re.fullmatch(r"checkpoint-(\d+)\.pth", os.path.basename(path))
+        if m:
+            found.append((int(m.group(1)), path))
+    return sorted(found)
+
+
+def prune_checkpoints(output_dir: str, keep: int) -> None:
+    """Delete all but the newest ``keep`` checkpoints (``keep <= 0``: keep all)."""
+    if keep > 0:
+        for _, old in checkpoint_epochs(output_dir)[:-keep]:
+            os.remove(old)
+
+
+def read_checkpoint(path: str) -> dict:
+    """Read a training checkpoint with ``weights_only=True`` (the authors' pickled Namespace becomes
+    an inert placeholder)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--resume: no checkpoint at {path!r}")
+    obj, _ = read_torch_file(path)
+    if not isinstance(obj, dict) or "model" not in obj:
+        raise ValueError(f"--resume: {path!r} is not a training checkpoint (no 'model' entry)")
+    return obj
+
+
+def checkpoint_args(ckpt: dict) -> dict:
+    """The training arguments a checkpoint holds, as a dict (``{}`` when it has none)."""
+    a = ckpt.get("args")
+    if isinstance(a, dict):
+        return a
+    state = getattr(a, "state", None)  # the authors' Namespace, read as a placeholder
+    return state if isinstance(state, dict) else {}
+
+
+def check_same_model(ckpt: dict, model: torch.nn.Module, args, path: str) -> None:
+    """A clear error when ``ckpt`` holds another model than the one ``args`` asks for."""
+    cargs = checkpoint_args(ckpt)
+    for key in ("model", "input_size"):
+        if key in cargs and cargs[key] != getattr(args, key):
+            raise ValueError(f"--resume: {path!r} was trained with --{key.replace('_', '-')} {cargs[key]}, "
+                             f"this run asks for {getattr(args, key)}; give the same settings or another checkpoint")
+    state = {k.removeprefix("module."): v for k, v in ckpt["model"].items()}
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
+              if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        what = "; ".join(s for s in (
+            f"missing {missing[:4]}" if missing else "", f"unexpected {unexpected[:4]}" if unexpected else "",
+            f"shapes differ: {shapes[:4]}" if shapes else "") if s)
+        raise ValueError(f"--resume: {path!r} holds another model than {args.model} at {args.input_size} px ({what})")
+
+
+def check_same_groups(ckpt: dict, groups: tuple[list[str], list[str]], decay_tokens: bool) -> None:
+    """A clear error when the checkpoint's optimizer groups are not this run's (positions would
+    pair the wrong tensors)."""
+    theirs = [len(g["params"]) for g in ckpt["optimizer"].get("param_groups", [])]
+    ours = [len(g) for g in groups]
+    if theirs != ours:
+        hint = (" (the authors' code also decays the cls/mask tokens: add --decay-tokens)"
+                if not decay_tokens and theirs == [ours[0] - 2, ours[1] + 2] else "")
+        raise ValueError(f"--resume: the checkpoint's optimizer has parameter groups of {theirs} tensors, "
+                         f"this run's has {ours}{hint}")
+
+
+def ids_from_fqns(osd: dict, groups: tuple[list[str], list[str]]) -> dict:
+    """An optimizer state dict keyed by parameter names (``torch.distributed.checkpoint``'s full
+    state dict) -> the standard one keyed by position, as ``optimizer.state_dict()`` writes it."""
+    ids = {name: i for i, name in enumerate(groups[0] + groups[1])}
+    return {"state": {ids[k]: v for k, v in osd["state"].items()},
+            "param_groups": [{**g, "params": [ids[n] for n in g["params"]],
+                              **({"betas": tuple(g["betas"])} if "betas" in g else {})}
+                             for g in osd["param_groups"]]}
+
+
+def fqns_from_ids(osd: dict, groups: tuple[list[str], list[str]]) -> dict:
+    """The inverse of :func:`ids_from_fqns`."""
+    names = groups[0] + groups[1]
+    return {"state": {names[int(k)]: v for k, v in osd["state"].items()},
+            "param_groups": [{**g, "params": [names[int(i)] for i in g["params"]]} for g in osd["param_groups"]]}

@@ -1,11 +1,14 @@
-"""The authors' optimisation recipe: AdamW parameter groups and the per-iteration learning rate.
+"""The authors' optimisation recipe: AdamW parameter groups, the per-iteration learning rate and
+the optimizer step.
 
 - ``lr = blr * effective_batch / 256`` (:func:`absolute_lr`), effective batch = per-process batch x
   accumulation steps x processes;
 - weight decay on matrices only: every 1-D parameter (norm weights, biases) and the cls / mask
   tokens get none; frozen parameters (the sin-cos ``pos_embed`` tables) are left out;
 - half-cycle cosine after a linear warm-up, evaluated at a fractional epoch
-  (``step / steps_per_epoch + epoch``), exactly as the authors' ``util/lr_sched.adjust_learning_rate``.
+  (``step / steps_per_epoch + epoch``), exactly as the authors' ``util/lr_sched.adjust_learning_rate``;
+- the step of their ``util/misc.NativeScalerWithGradNormCount`` (:class:`LossScaler`): backward,
+  then on an update unscale (fp16), clip if asked, step.
 
 Note: the authors' code builds its groups with timm's ``add_weight_decay``, which skips only 1-D
 parameters and ``.bias``; the cls and mask tokens (3-D) are decayed there. ``decay_tokens=True``
@@ -64,3 +67,36 @@ def adjust_learning_rate(optimizer: torch.optim.Optimizer, epoch: float, *, lr: 
     for group in optimizer.param_groups:
         group["lr"] = value * group.get("lr_scale", 1.0)
     return value
+
+
+class LossScaler:
+    """The authors' ``NativeScaler``: ``scaler`` is fp16's GradScaler, or None (bf16 and fp32 need
+    no loss scaling). ``update_grad=False`` only accumulates gradients."""
+
+    def __init__(self, scaler=None):
+        self.scaler = scaler
+
+    def __call__(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, *, clip_grad: float | None = None,
+                 parameters=None, update_grad: bool = True) -> None:
+        if self.scaler is None:
+            loss.backward()
+        else:
+            self.scaler.scale(loss).backward()
+        if not update_grad:
+            return
+        if clip_grad:
+            if self.scaler is not None:
+                self.scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+            torch.nn.utils.clip_grad_norm_(parameters, clip_grad)
+        if self.scaler is None:
+            optimizer.step()
+        else:
+            self.scaler.step(optimizer)
+            self.scaler.update()
+
+    def state_dict(self) -> dict | None:
+        return self.scaler.state_dict() if self.scaler is not None else None
+
+    def load_state_dict(self, state: dict | None) -> None:
+        if self.scaler is not None and state:
+            self.scaler.load_state_dict(state)

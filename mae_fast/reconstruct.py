@@ -24,7 +24,8 @@ import sys
 import torch
 
 from . import data as data_mod
-from .models_mae import MODELS
+from .checkpoint import checkpoint_args, load_pretrained, read_state_dict, read_torch_file
+from .models_mae import MODELS, create_model
 
 
 # ---------------------------------------------------------------------------- the model
@@ -62,9 +63,6 @@ def model_from_checkpoint(path: str, *, model: str | None = None, input_size: in
                           norm_pix_loss: bool | None = None, backend: str | None = None):
     """Build the model a checkpoint holds and load it. Returns ``(model, info)`` where ``info``
     says what was inferred from where."""
-    from .checkpoint import load_pretrained, read_state_dict, read_torch_file
-    from .pretrain import build_model, checkpoint_args
-
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--checkpoint: no file at {path!r}")
@@ -91,7 +89,7 @@ def model_from_checkpoint(path: str, *, model: str | None = None, input_size: in
     info.update(name=name, input_size=size, norm_pix_loss=npl,
                 norm_pix_loss_from="option" if norm_pix_loss is not None else
                 ("checkpoint args" if "norm_pix_loss" in cargs else "default (off)"))
-    net = build_model(name, input_size=size, norm_pix_loss=npl, backend=backend)
+    net = create_model(name, img_size=size, norm_pix_loss=npl, backend=backend)
     report = load_pretrained(net, state, strict=False)
     if report.missing or report.unexpected:
         raise ValueError(f"{path!r} does not match {name} at {size}px: {report}; give the right --model")

@@ -11,7 +11,7 @@ import torch
 
 pytest.importorskip("PIL")
 
-from mae_fast import data, optim, pretrain  # noqa: E402
+from mae_fast import data, models_mae, optim, pretrain  # noqa: E402
 
 # A tiny run: the demo model at 32 px (L = 16 patches), 4-image batches.
 TINY = ["--device", "cpu", "--model", pretrain.DEMO_MODEL, "--input-size", "32", "--batch-size", "4", "--num-workers", "0",
@@ -57,7 +57,7 @@ def test_lr_schedule_is_the_authors():
 
 
 def test_weight_decay_only_on_matrices():
-    model = pretrain.build_model(pretrain.DEMO_MODEL, input_size=32)
+    model = models_mae.create_model(pretrain.DEMO_MODEL, img_size=32)
     no_decay, decay = optim.param_group_names(model)
     assert "cls_token" in no_decay and "mask_token" in no_decay
     assert "blocks.0.norm1.weight" in no_decay and "blocks.0.attn.qkv.bias" in no_decay
@@ -114,7 +114,7 @@ def test_checkpoint_layout_resume_and_loss_falls(tmp_path, images, workers):
     assert not [f for f in os.listdir(tmp_path / "full") if f.endswith(".tmp")]
     from mae_fast.checkpoint import load_pretrained
 
-    fresh = pretrain.build_model(pretrain.DEMO_MODEL, input_size=32)
+    fresh = models_mae.create_model(pretrain.DEMO_MODEL, img_size=32)
     assert not load_pretrained(fresh, str(tmp_path / "full" / "checkpoint-2.pth")).missing
 
     # "interrupted" after epoch 1: resume from checkpoint-1 -> epoch 2 only
@@ -128,13 +128,13 @@ def test_checkpoint_layout_resume_and_loss_falls(tmp_path, images, workers):
 
 
 def test_resume_from_another_model_is_a_clear_error(tmp_path, images):
-    other = pretrain.build_model("mae_vit_tiny_patch16", input_size=32)
+    other = models_mae.create_model("mae_vit_tiny_patch16", img_size=32)
     torch.save({"model": other.state_dict(), "epoch": 0}, tmp_path / "other.pth")
     args = parse(*TINY, "--data-path", images, "--output-dir", tmp_path, "--epochs", 1,
                  "--resume", tmp_path / "other.pth")
     with pytest.raises(ValueError, match="holds another model"):
         pretrain.train(args)
-    mine = pretrain.build_model(pretrain.DEMO_MODEL, input_size=32)
+    mine = models_mae.create_model(pretrain.DEMO_MODEL, img_size=32)
     torch.save({"model": mine.state_dict(), "epoch": 0, "args": {"model": pretrain.DEMO_MODEL, "input_size": 48}},
                tmp_path / "size.pth")
     args = parse(*TINY, "--data-path", images, "--output-dir", tmp_path, "--epochs", 1,

@@ -7,14 +7,14 @@ import torch
 pytest.importorskip("PIL")
 from PIL import Image  # noqa: E402
 
-from mae_fast import data, pretrain, reconstruct  # noqa: E402
+from mae_fast import data, models_mae, pretrain, reconstruct  # noqa: E402
 
 NAME = pretrain.DEMO_MODEL
 
 
 def tiny(norm_pix_loss=False):
     torch.manual_seed(0)
-    return pretrain.build_model(NAME, input_size=32, norm_pix_loss=norm_pix_loss)
+    return models_mae.create_model(NAME, img_size=32, norm_pix_loss=norm_pix_loss)
 
 
 @pytest.fixture
