@@ -79,6 +79,15 @@ class MaskedAutoencoderViT(nn.Module):
         for blk in (*self.blocks, *self.decoder_blocks):
             blk.attn.backend = name
 
+    def compile_blocks(self, **compile_kwargs) -> "MaskedAutoencoderViT":
+        """Regional compilation: ``torch.compile`` each transformer block in place. The blocks of
+        the encoder (and of the decoder) share one compiled graph, so compile time is one block's,
+        not the whole model's; everything else runs eagerly. ``compile_kwargs`` go to
+        ``torch.compile`` (e.g. ``mode="max-autotune-no-cudagraphs"``). Returns the model."""
+        for blk in (*self.blocks, *self.decoder_blocks):
+            blk.compile(**compile_kwargs)
+        return self
+
     def initialize_weights(self):
         grid = self.patch_embed.grid_size
         self.pos_embed.data.copy_(sincos_2d(self.pos_embed.shape[-1], grid, cls_token=True).float().unsqueeze(0))
