@@ -69,28 +69,37 @@ def _upcast(a, dtype):
 def check_against_reference(op, args, dtype, *, kwargs=None, ref_dtype=torch.float32, out_dtype=None,
                             grad_out=None, in_norm=()):
     """An op's kernels (``backend="triton"``) against its torch reference run on the same values
-    upcast to ``ref_dtype``, forward and backward: the output (of dtype ``out_dtype``, default
-    ``dtype``) and the gradient of every input that requires grad (of its input's dtype ``dtype``),
-    each within ``dtype``'s tolerances; the gradients of the inputs at the positions ``in_norm``
-    (sums over many rows) in norm. ``grad_out`` is the output's gradient in ``dtype`` (default: a
-    random one; none for a scalar output). Non-float arguments (ids, bool masks) are shared."""
+    upcast to ``ref_dtype``, forward and backward: each output (of dtype ``out_dtype``, default
+    ``dtype``; a tuple for an op with several outputs) and the gradient of every input that
+    requires grad (of that input's dtype), each within ``dtype``'s tolerances; the gradients of the
+    inputs at the positions ``in_norm`` (sums over many rows) in norm. ``grad_out`` is the output's
+    gradient (default: a random one in the output's dtype; none for a scalar output). Non-float
+    arguments (ids, bool masks, dtypes) are shared."""
     kwargs = kwargs or {}
-    out = op(*args, **kwargs, backend="triton")
+    outs = _as_tuple(op(*args, **kwargs, backend="triton"))
     ref_args = [_upcast(a, ref_dtype) for a in args]
-    ref = op(*ref_args, **kwargs, backend="torch")
-    assert out.dtype == (out_dtype or dtype) and out.shape == ref.shape
-    assert_close(out, ref, dtype)
+    refs = _as_tuple(op(*ref_args, **kwargs, backend="torch"))
+    dtypes = _as_tuple(out_dtype or dtype)
+    dtypes = dtypes * len(outs) if len(dtypes) == 1 else dtypes
+    for i, (out, ref, dt) in enumerate(zip(outs, refs, dtypes)):
+        assert out.dtype == dt and out.shape == ref.shape, f"output {i}: {out.dtype} {tuple(out.shape)}"
+        assert_close(out, ref, dtype, msg=f"output {i}")
     picked = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.requires_grad]
-    if out.dim() == 0 and grad_out is None:
-        g, g_ref = None, None
+    if len(outs) == 1 and outs[0].dim() == 0 and grad_out is None:
+        gs, gs_ref = None, None
     else:
-        g = torch.randn(ref.shape, device=ref.device).to(dtype) if grad_out is None else grad_out
-        g_ref = g.to(ref_dtype)
-    grads = torch.autograd.grad(out, [args[i] for i in picked], g)
-    grads_ref = torch.autograd.grad(ref, [ref_args[i] for i in picked], g_ref)
+        gs = _as_tuple(grad_out) if grad_out is not None else tuple(
+            torch.randn(o.shape, device=o.device).to(o.dtype) for o in outs)
+        gs_ref = tuple(g.to(ref_dtype) for g in gs)
+    grads = torch.autograd.grad(outs, [args[i] for i in picked], gs)
+    grads_ref = torch.autograd.grad(refs, [ref_args[i] for i in picked], gs_ref)
     for i, a, e in zip(picked, grads, grads_ref):
-        assert a.dtype == dtype, f"the gradient of argument {i} is {a.dtype}, not {dtype}"
+        assert a.dtype == args[i].dtype, f"the gradient of argument {i} is {a.dtype}, not {args[i].dtype}"
         (assert_close_in_norm if i in in_norm else assert_close)(a, e, dtype, msg=f"gradient of argument {i}")
+
+
+def _as_tuple(x):
+    return tuple(x) if isinstance(x, (tuple, list)) else (x,)
 
 
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")

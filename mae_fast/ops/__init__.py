@@ -25,9 +25,16 @@ from ._backend import BACKENDS, ENV_VAR, BackendUnavailableError, requested_back
 from ._extension import extension_info, extension_status
 from ._triton import HAS_TRITON, why_not_triton
 from .embed import embed_visible_patches, embed_visible_patches_reference, gather_patches, gather_patches_reference
+from .gelu import bias_gelu, bias_gelu_reference
 from .patch_mse import patch_mse_loss, patch_mse_loss_reference
 from .patches import patchify, unpatchify
 from .qkv_attention import attention, attention_reference
+from .residual_norm import (
+    add_layer_norm,
+    add_layer_norm_reference,
+    layer_norm,
+    layer_norm_reference,
+)
 from .unshuffle import unshuffle_mask_tokens, unshuffle_mask_tokens_reference
 
 __all__ = [
@@ -40,12 +47,18 @@ __all__ = [
     "use_backend",
     "extension_info",
     "extension_status",
+    "add_layer_norm",
+    "add_layer_norm_reference",
     "attention",
     "attention_reference",
+    "bias_gelu",
+    "bias_gelu_reference",
     "embed_visible_patches",
     "embed_visible_patches_reference",
     "gather_patches",
     "gather_patches_reference",
+    "layer_norm",
+    "layer_norm_reference",
     "patch_mse_loss",
     "patch_mse_loss_reference",
     "patchify",

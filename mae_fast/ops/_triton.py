@@ -84,6 +84,13 @@ def rows_block(n: int, cap: int = 1024, elems: int = 4096) -> tuple[int, int, in
     return rows, block, 8
 
 
+def reduction_programs(n_tiles: int, cap: int = 1024) -> int:
+    """Programs for a kernel that reduces over ``n_tiles`` row tiles into per-program partial
+    sums: enough to fill a GPU (a few per SM), few enough that the partials stay small. A function
+    of the shape only, so the fixed-order sum of the partials gives the same bits on every run."""
+    return max(1, min(n_tiles, cap))
+
+
 def compile_for_cuda(kernel, signature: dict, constexprs: dict, arch: int = 90, num_warps: int = 4,
                      aligned: tuple = ()):
     """Compile ``kernel`` (a ``@triton.jit`` function) to a cubin for ``sm_<arch>`` without a GPU
