@@ -3,13 +3,21 @@
 Same parameter names, shapes and construction order (hence the same random init under a seed)
 as timm 0.3.2's ``PatchEmbed`` and ``Block``, which the authors' model uses. Attention runs
 through :func:`mae_fast.ops.attention`, which picks SDPA, or the CUDA extension, by backend.
+
+:func:`forward_blocks` runs a stack of blocks and the norm after it. On a backend with the fused
+block ops it fuses every residual add into the LayerNorm that follows it (``norm2`` inside a
+block, the next block's ``norm1`` or the final norm across blocks), each Linear's bias into that
+add or into the GELU, and under autocast the cast of each norm's output for the next Linear.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from . import ops
+from .ops._backend import autocast_dtype
+from .ops.residual_norm import layer_norm_op
 
 
 def _pair(x: int | tuple[int, int]) -> tuple[int, int]:
@@ -40,9 +48,7 @@ def is_plain_patch_embed(pe: nn.Module) -> bool:
     """Whether a fused op may read ``pe.proj``'s weights instead of calling ``pe``: a plain
     PatchEmbed and Conv2d with no hooks. A swapped-in module (LoRA, quantised) or a hook (feature
     taps) must see the call, as in the reference."""
-    proj = getattr(pe, "proj", None)
-    return (type(pe) is PatchEmbed and type(proj) is nn.Conv2d
-            and not (pe._forward_hooks or pe._forward_pre_hooks or proj._forward_hooks or proj._forward_pre_hooks))
+    return _plain(pe, PatchEmbed) and _plain(getattr(pe, "proj", None), nn.Conv2d)
 
 
 class Attention(nn.Module):
@@ -57,10 +63,14 @@ class Attention(nn.Module):
         self.backend = backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.heads(x))
+
+    def heads(self, x: torch.Tensor) -> torch.Tensor:
+        """Everything before ``proj``: ``(B, N, C)`` -> the heads' outputs ``(B, N, C)``."""
         B, N, C = x.shape
         # A view, not a permute: the fused op reads q, k, v straight from the packed layout.
         qkv = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim)
-        return self.proj(ops.attention(qkv, backend=self.backend))
+        return ops.attention(qkv, backend=self.backend)
 
 
 class Mlp(nn.Module):
@@ -85,6 +95,67 @@ class Block(nn.Module):
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+    def forward(self, x: torch.Tensor, normed: torch.Tensor | None = None, next_norm: tuple | None = None):
+        """``x + attn(norm1(x))``, then ``x + mlp(norm2(x))``. Called by :func:`forward_blocks` on a
+        fused backend with ``normed = norm1(x)`` already computed and ``next_norm = (weight, bias,
+        eps, out_dtype)`` of the norm that follows: returns ``(x_out, next_norm(x_out))``."""
+        if normed is None:
+            x = x + self.attn(self.norm1(x))
+            return x + self.mlp(self.norm2(x))
+        backend = self.attn.backend
+        attn, mlp, norm2 = self.attn, self.mlp, self.norm2
+        a = F.linear(attn.heads(normed), attn.proj.weight)  # the bias is added with the residual
+        x, normed = ops.add_layer_norm(x, a, norm2.weight, norm2.bias, norm2.eps, bias=attn.proj.bias,
+                                       out_dtype=autocast_dtype(x.device), backend=backend)
+        m = ops.bias_gelu(F.linear(normed, mlp.fc1.weight), mlp.fc1.bias, backend=backend)
+        w, b, eps, out_dtype = next_norm
+        return ops.add_layer_norm(x, F.linear(m, mlp.fc2.weight), w, b, eps, bias=mlp.fc2.bias,
+                                  out_dtype=out_dtype, backend=backend)
+
+
+def forward_blocks(blocks: nn.ModuleList, x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+    """``norm(blocks(x))``: fused (see the module's docstring) when the blocks' backend has the
+    fused ops for ``x`` and every module is the plain one with no hooks (a hook, a swapped-in
+    module or FSDP's wrapping must see the calls), else block by block as the reference."""
+    if len(blocks) == 0 or not _fuses(blocks, norm, x):
+        for blk in blocks:
+            x = blk(x)
+        return norm(x)
+    cast = autocast_dtype(x.device)  # the next Linear's input dtype under autocast
+    n1 = blocks[0].norm1
+    normed = ops.layer_norm(x, n1.weight, n1.bias, n1.eps, out_dtype=cast, backend=blocks[0].attn.backend)
+    for i, blk in enumerate(blocks):
+        last = i + 1 == len(blocks)
+        nxt = norm if last else blocks[i + 1].norm1
+        x, normed = blk(x, normed, (nxt.weight, nxt.bias, nxt.eps, None if last else cast))
+    return normed
+
+
+_PLAIN_BLOCK = {"": Block, "norm1": nn.LayerNorm, "attn": Attention, "attn.qkv": nn.Linear, "attn.proj": nn.Linear,
+                "norm2": nn.LayerNorm, "mlp": Mlp, "mlp.fc1": nn.Linear, "mlp.act": nn.GELU, "mlp.fc2": nn.Linear}
+
+
+def _plain(module: nn.Module, cls: type) -> bool:
+    return type(module) is cls and not (module._forward_hooks or module._forward_pre_hooks)
+
+
+def _fuses(blocks: nn.ModuleList, norm: nn.Module, x: torch.Tensor) -> bool:
+    """Whether :func:`forward_blocks` may fuse: the backend picks kernels for the fused ops on
+    these inputs, and every module is one whose parameters the fused path may read directly."""
+    from torch.nn.modules import module as nn_module
+
+    if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
+        return False
+    if not (_plain(norm, nn.LayerNorm) and norm.weight is not None and norm.bias is not None):
+        return False
+    for blk in blocks:
+        mods = dict(blk.named_modules())
+        if mods.keys() != _PLAIN_BLOCK.keys() or not all(_plain(mods[k], c) for k, c in _PLAIN_BLOCK.items()):
+            return False
+        if blk.mlp.act.approximate != "none" or any(m.bias is None for m in (blk.attn.proj, blk.mlp.fc1, blk.mlp.fc2)):
+            return False
+        if blk.norm1.weight is None or blk.norm2.weight is None or blk.norm1.bias is None or blk.norm2.bias is None:
+            return False
+    n1 = blocks[0].norm1
+    name, _ = layer_norm_op.select((x, n1.weight, n1.bias, n1.eps), blocks[0].attn.backend)
+    return name != "torch"

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from . import ops
-from .layers import Block, PatchEmbed, is_plain_patch_embed
+from .layers import Block, PatchEmbed, forward_blocks, is_plain_patch_embed
 from .model_checks import check_imgs, check_noise, len_keep, len_keep_for_loss
 from .ops._backend import check_backend_name
 from .pos_embed import sincos_2d
@@ -162,10 +162,7 @@ class MaskedAutoencoderViT(nn.Module):
         ``encoder_mask_tokens`` the latent holds all ``1+L`` tokens."""
         check_imgs(x, self.in_chans, self.patch_embed.img_size, self.patch_size)
         ids_keep, ids_restore, mask = self.masking_ids(x.shape[0], self.num_patches, mask_ratio, x.device, noise)
-        x = self.embed(x, ids_keep, mask)
-        for blk in self.blocks:
-            x = blk(x)
-        x = self.norm(x)
+        x = forward_blocks(self.blocks, self.embed(x, ids_keep, mask), self.norm)
         return x, mask, ids_restore
 
     def embed(self, imgs, ids_keep, mask):
@@ -193,10 +190,8 @@ class MaskedAutoencoderViT(nn.Module):
 
     def forward_decoder(self, x, ids_restore, pred_ids=None):
         """latent (N, 1+K, D) -> pred (N, L, P*P*C), or (N, M, P*P*C) for the patches ``pred_ids (N, M)``"""
-        x = self.decoder_input(x, ids_restore)
-        for blk in self.decoder_blocks:
-            x = blk(x)
-        return self.head(x, pred_ids)
+        x = forward_blocks(self.decoder_blocks, self.decoder_input(x, ids_restore), self.decoder_norm)
+        return self.predict(x, pred_ids)
 
     def decoder_input(self, latent, ids_restore):
         """decoder_embed, then mask tokens at removed positions, patch order, + decoder_pos_embed."""
@@ -207,12 +202,16 @@ class MaskedAutoencoderViT(nn.Module):
                                          backend=self.backend)
 
     def head(self, x, pred_ids=None):
-        """decoder_norm, decoder_pred, cls row dropped: (N, 1+L, d) -> (N, L, P*P*C); only the
-        patches ``pred_ids (N, M)`` when given (norm and Linear act per row, so rows can go first)."""
+        """decoder_norm, then :meth:`predict`: (N, 1+L, d) -> (N, L, P*P*C)."""
+        return self.predict(self.decoder_norm(x), pred_ids)
+
+    def predict(self, x, pred_ids=None):
+        """decoder_pred on the normed decoder tokens, cls row dropped; only the patches
+        ``pred_ids (N, M)`` when given (a Linear acts per row, so rows can go first)."""
         if pred_ids is None:
-            return self.decoder_pred(self.decoder_norm(x))[:, 1:, :]
+            return self.decoder_pred(x)[:, 1:, :]
         x = torch.gather(x[:, 1:, :], 1, pred_ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-        return self.decoder_pred(self.decoder_norm(x))
+        return self.decoder_pred(x)
 
     def forward_loss(self, imgs, pred, mask, pred_ids=None):
         """imgs (N, C, H, W), pred (N, L, P*P*C) (or (N, M, P*P*C) for the patches ``pred_ids``),

@@ -45,10 +45,9 @@ def no_tf32():
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
-def assert_as_close_as_reference(fast, ref, exact, what=""):
+def assert_as_close_as_reference(fast, ref, exact, what="", floor=FLASH_RULE_FLOOR[torch.float32]):
     """``fast`` is within 2x the reference's own error (both against ``exact``), plus a floor:
     flash-attention's rule, for paths that sum in another order than the reference."""
-    floor = FLASH_RULE_FLOOR[torch.float32]
     for i, name in ((0, "loss"), (1, "pred")):
         err_ref = (ref[i].double() - exact[i]).abs().max().item()
         err_fast = (fast[i].double() - exact[i]).abs().max().item()
@@ -105,3 +104,57 @@ def test_model_compiles_fullgraph(seed, backend):
     loss.backward()
     got = (loss.detach(), pred.detach(), mask, {n: p.grad for n, p in model.named_parameters() if p.grad is not None})
     assert_same_step(got, ref)
+
+
+def test_fused_blocks_are_used_and_step_aside(seed, monkeypatch):
+    """The triton backend runs the blocks fused (add_layer_norm calls, the norm modules never
+    called); a hook on any block module, or the torch backend, runs them block by block so the hook
+    sees its calls. Every path computes the same step; the state_dict is the reference's."""
+    from mae_fast import layers
+
+    fused_calls = []
+    real = layers.ops.add_layer_norm
+    monkeypatch.setattr(layers.ops, "add_layer_norm", lambda *a, **k: fused_calls.append(1) or real(*a, **k))
+    model = tiny_model(backend="torch").to(DEVICE)
+    imgs, noise = torch.randn(2, 3, 32, 32, device=DEVICE), torch.rand(2, 16, device=DEVICE)
+    ref = run(model, imgs, noise)
+    assert not fused_calls
+    model.backend = "triton"
+    assert_same_step(run(model, imgs, noise), ref)
+    assert len(fused_calls) == 2 * (len(model.blocks) + len(model.decoder_blocks))
+    seen = []
+    model.decoder_blocks[0].mlp.act.register_forward_hook(lambda *a: seen.append(1))
+    fused_calls.clear()
+    assert_same_step(run(model, imgs, noise), ref)
+    assert seen and len(fused_calls) == 2 * len(model.blocks), "the hooked decoder runs block by block"
+    assert list(model.state_dict()) == list(tiny_model().state_dict())
+
+
+def test_fused_blocks_autocast_bf16(seed):
+    """bf16 autocast: the fused blocks stay as close to the fp32 reference as the reference blocks
+    under the same autocast, judged against float64."""
+    model = tiny_model(backend="torch").to(DEVICE)
+    imgs, noise = torch.randn(2, 3, 32, 32, device=DEVICE), torch.rand(2, 16, device=DEVICE)
+    exact = run(model.double(), imgs.double(), noise)
+    model.float()
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        ref = run(model, imgs, noise)
+        model.backend = "triton"
+        fast = run(model, imgs, noise)
+    assert fast[1].dtype == ref[1].dtype
+    assert_as_close_as_reference(fast, ref, exact, "bf16", floor=FLASH_RULE_FLOOR[torch.bfloat16])
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_compile_blocks_reuses_one_graph_per_block_shape(seed, backend):
+    """Regional compilation: the blocks of a stack share their compiled code (a recompile per
+    block would make compile time grow with depth), and the step is the eager one."""
+    model = tiny_model(backend=backend, depth=3, decoder_depth=3).to(DEVICE)
+    imgs, noise = torch.randn(2, 3, 32, 32, device=DEVICE), torch.rand(2, 16, device=DEVICE)
+    ref = run(model, imgs, noise)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    model.compile_blocks(backend="aot_eager")
+    assert_same_step(run(model, imgs, noise), ref)
+    frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert 0 < frames <= 4, f"{frames} graphs for 6 blocks of two shapes"
