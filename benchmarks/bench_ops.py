@@ -1,6 +1,7 @@
-"""Microbenchmark of the fused glue ops (issue 3): each op forward and forward+backward at MAE
-shapes (ViT-B/16, ViT-L/16, ViT-H/14, batch 256, mask ratio 0.75) in bf16, Triton vs the eager
-torch reference.
+"""Microbenchmark of the fused ops: the glue (embedding, un-shuffle, patch MSE) and the block ops
+(add_layer_norm, bias_gelu at the encoder's and the decoder's shapes), each forward and
+forward+backward at MAE shapes (ViT-B/16, ViT-L/16, ViT-H/14, batch 256, mask ratio 0.75) in bf16,
+Triton vs eager torch.
 
     python benchmarks/bench_ops.py [--json OUT.json] [--batch 256] [--models B L H]
 
@@ -182,7 +183,62 @@ def bench_model(name, cfg, batch, do_bench, ops, dtype=torch.bfloat16, dev="cuda
         add("patch_mse_loss[masked_only]", "fwd", fwd(msm("triton")), fwd(msm("torch")), mm_fwd)
         add("patch_mse_loss[masked_only]", "fwd+bwd", fwdbwd(msm("triton"), (pred_m,)),
             fwdbwd(msm("torch"), (pred_m,)), mm_fwd + mm_bwd)
+    # ---- the fused block ops, at the encoder's and the decoder's shapes, in autocast's dtypes
+    mlp = {768: 3072, 1024: 4096, 1280: 5120}[D]
+    for where, n_rows, width, hidden in (("enc", N * (1 + K), D, mlp), ("dec", N * (1 + L), d, 4 * d)):
+        bench_block_ops(where, n_rows, width, hidden, add, fwd, ops, dev, g)
     return rows
+
+
+def bench_block_ops(where, n_rows, D, hidden, add, fwd, ops, dev, g):
+    """add_layer_norm and bias_gelu as a block uses them under bf16 autocast (fp32 residual stream
+    and parameters, bf16 Linear outputs, the norm's output in bf16), against what eager PyTorch
+    runs there: the Linear adds its bias in the GEMM, then ``x + y``, ``F.layer_norm`` (fp32 out),
+    the next Linear's cast to bf16, ``F.gelu``; the backward includes the Linear's bias gradient
+    (a sum of the gradient over rows). Bytes per element: add_layer_norm fwd 12 (x 4, y 2 read; h 4,
+    out 2 written), bwd 16 (dout 2, dh 4, h 4 read; dx 4, dy 2 written); bias_gelu fwd 4, bwd 6."""
+    import torch.nn.functional as F
+
+    bf = torch.bfloat16
+    x = torch.randn(n_rows, D, device=dev, generator=g).requires_grad_()
+    y = torch.randn(n_rows, D, device=dev, generator=g).to(bf).requires_grad_()
+    w = torch.ones(D, device=dev).requires_grad_()
+    nb, b = torch.zeros(D, device=dev).requires_grad_(), torch.zeros(D, device=dev).requires_grad_()
+    u = torch.randn(n_rows, hidden, device=dev, generator=g).to(bf).requires_grad_()
+    ub = torch.zeros(hidden, device=dev).requires_grad_()
+    gh, go, gu = torch.randn_like(x), torch.randn_like(y), torch.randn_like(u)
+
+    def aln_ours():
+        return ops.add_layer_norm(x, y, w, nb, 1e-6, bias=b, out_dtype=bf, backend="triton")
+
+    def aln_eager():
+        h = x + y
+        return h, F.layer_norm(h, (D,), w, nb, 1e-6).to(bf)
+
+    def aln_bwd(f, with_bias_sum):
+        def run():
+            grads = torch.autograd.grad(f(), (x, y, w, nb) + ((b,) if not with_bias_sum else ()), (gh, go))
+            if with_bias_sum:
+                grads[1].sum(0, dtype=torch.float32)  # the Linear's bias gradient, in eager
+        return run
+
+    def gelu_bwd(f, with_bias_sum):
+        def run():
+            grads = torch.autograd.grad(f(), (u,) if with_bias_sum else (u, ub), gu)
+            if with_bias_sum:
+                grads[0].sum(0, dtype=torch.float32)
+        return run
+
+    E = n_rows * D
+    name = f"add_layer_norm[{where}]"
+    add(name, "fwd", fwd(aln_ours), fwd(aln_eager), 12 * E + 12 * D)
+    add(name, "fwd+bwd", aln_bwd(aln_ours, False), aln_bwd(aln_eager, True), 28 * E + 24 * D)
+    gelu_ours = lambda: ops.bias_gelu(u, ub, backend="triton")  # noqa: E731
+    gelu_eager = lambda: F.gelu(u)  # noqa: E731
+    H = n_rows * hidden
+    name = f"bias_gelu[{where}]"
+    add(name, "fwd", fwd(gelu_ours), fwd(gelu_eager), 4 * H + 4 * hidden)
+    add(name, "fwd+bwd", gelu_bwd(gelu_ours, False), gelu_bwd(gelu_eager, True), 10 * H + 8 * hidden)
 
 
 def print_table(rows) -> None:
