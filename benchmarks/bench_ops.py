@@ -279,15 +279,17 @@ def main(argv=None) -> int:
     print(f"{card}: device-to-device copy {bw / 1e9:.0f} GB/s (read + write); torch {torch.__version__}, "
           f"triton {triton.__version__}; batch {args.batch}, bf16")
     rows = []
-    for m in args.models:
-        rows += bench_model(m, MODELS[m], args.batch, do_bench, ops, kernels=args.kernels)
-    for r in rows:
-        r["copy_fraction"] = r["GBps"] * 1e9 / bw
+    for m in args.models:  # the JSON is rewritten after each model: a run cut short keeps what it measured
+        new = bench_model(m, MODELS[m], args.batch, do_bench, ops, kernels=args.kernels)
+        for r in new:
+            r["copy_fraction"] = r["GBps"] * 1e9 / bw
+        rows += new
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"device": card, "torch": torch.__version__, "triton": triton.__version__,
+                           "dtype": "bfloat16", "batch": args.batch, "copy_GBps": bw / 1e9, "rows": rows}, f, indent=1)
     print_table(rows)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": card, "torch": torch.__version__, "triton": triton.__version__,
-                       "dtype": "bfloat16", "batch": args.batch, "copy_GBps": bw / 1e9, "rows": rows}, f, indent=1)
         print(f"wrote {args.json}")
     return 0
 

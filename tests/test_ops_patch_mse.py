@@ -171,6 +171,7 @@ def test_patch_mse_no_predicted_patch(seed):
     assert torch.autograd.grad(loss, pred0)[0].shape == pred0.shape
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU tensors on the interpreter; the GPU has its own version")
 def test_patch_mse_large_image_offsets(seed, tmp_path):
     """Image offsets past 2**31 elements (a row stride of 2**28 + 1024 times P = 16 rows): 64-bit
     arithmetic. The image is a strided view of a sparse file, so nothing large is allocated."""
@@ -183,6 +184,22 @@ def test_patch_mse_large_image_offsets(seed, tmp_path):
     imgs.copy_(torch.randn(1, 1, 2 * P, P).half())
     pred = torch.randn(1, 2, P * P, dtype=torch.float16)
     mask = torch.tensor([[0.0, 1.0]])
+    dense = imgs.contiguous()
+    assert_close(ops.patch_mse_loss(pred, imgs, mask, P, True, backend="triton"),
+                 ops.patch_mse_loss(pred.float(), dense.float(), mask, P, True, backend="torch"), torch.float16)
+
+
+@pytest.mark.gpu
+def test_patch_mse_large_image_offsets_gpu(seed):
+    """The same on the GPU: a 4.6 GB strided image whose last patch row starts past 2**31
+    elements (31 rows x a stride of 1.1 * 2**26)."""
+    P, s_ih = 16, int(1.1 * 2 ** 26)
+    n = (2 * P - 1) * s_ih + P
+    assert (2 * P - 1) * s_ih > 2 ** 31
+    imgs = torch.empty(n, dtype=torch.float16, device="cuda").as_strided((1, 1, 2 * P, P), (n, n, s_ih, 1))
+    imgs.copy_(torch.randn(1, 1, 2 * P, P, device="cuda").half())
+    pred = torch.randn(1, 2, P * P, dtype=torch.float16, device="cuda")
+    mask = torch.tensor([[0.0, 1.0]], device="cuda")
     dense = imgs.contiguous()
     assert_close(ops.patch_mse_loss(pred, imgs, mask, P, True, backend="triton"),
                  ops.patch_mse_loss(pred.float(), dense.float(), mask, P, True, backend="torch"), torch.float16)

@@ -165,8 +165,11 @@ def _launch_bwd(grad, ids_restore, num_kept, x_dtype):
     """``(dx (N, 1+K, d), partial sums of d mask_token (N, chunks, d) fp32)``."""
     N, L1, d = grad.shape
     n_chunks = _n_chunks(L1)
-    # empty, not zeros: every row of dx is written exactly once when ids_restore is a permutation.
-    dx = torch.empty((N, 1 + num_kept, d), dtype=x_dtype, device=grad.device)
+    # zeros: with ids_restore a permutation every row is written once, but a row that no id names
+    # (ids that are not one, unchecked without MAE_FAST_CHECK_IDS) must get 0, not stale memory.
+    # The memset adds about a fifth to the backward's bytes at MAE's shapes (K+1 = 50 rows of dx
+    # against 197 of g read and 50 written).
+    dx = torch.zeros((N, 1 + num_kept, d), dtype=x_dtype, device=grad.device)
     part = torch.empty((N, n_chunks, d), dtype=torch.float32, device=grad.device)
     if grad.numel():
         BLOCK_D, _ = row_block(d, cap=_BWD_TILE // _BWD_CHUNK)
