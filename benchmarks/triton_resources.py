@@ -25,13 +25,13 @@ def _residual_norm(m):
         ROWS, BLOCK_D, warps = m._tile(D)
         k = {"ROWS": ROWS, "BLOCK_D": BLOCK_D}
         yield (f"_add_ln_fwd_kernel D={D}", m._add_ln_fwd_kernel,
-               {"x_ptr": "*fp32", "y_ptr": "*bf16", "bias_ptr": "*fp32", "w_ptr": "*fp32", "nb_ptr": "*fp32",
+               {"x_ptr": "*fp32", "y_ptr": "*bf16", "bias_ptr": "*fp32", "scale_ptr": "*fp32", "w_ptr": "*fp32", "nb_ptr": "*fp32",
                 "h_ptr": "*fp32", "out_ptr": "*bf16", "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "eps": "fp32"},
-               {**k, "HAS_Y": True, "HAS_BIAS": True}, warps)
+               {**k, "HAS_Y": True, "HAS_BIAS": True, "HAS_SCALE": True}, warps)
         yield (f"_add_ln_bwd_kernel D={D}", m._add_ln_bwd_kernel,
                {"dout_ptr": "*bf16", "dh_ptr": "*fp32", "h_ptr": "*fp32", "w_ptr": "*fp32", "mean_ptr": "*fp32",
-                "rstd_ptr": "*fp32", "dx_ptr": "*fp32", "dy_ptr": "*bf16", "part_ptr": "*fp32"},
-               {**k, "HAS_DH": True, "WRITE_DY": True}, warps)
+                "rstd_ptr": "*fp32", "scale_ptr": "*fp32", "dx_ptr": "*fp32", "dy_ptr": "*bf16", "part_ptr": "*fp32"},
+               {**k, "HAS_DH": True, "HAS_SCALE": True, "WRITE_DY": True}, warps)
 
 
 def _gelu(m):

@@ -84,14 +84,40 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
+def _draw_keep(x: torch.Tensor, p: float) -> tuple[float, torch.Tensor]:
+    """Stochastic depth's draw as timm 0.3.2 makes it: ``(keep, floor(keep + rand((N, 1, ...))))``
+    in ``x``'s dtype, one draw per call."""
+    keep = 1.0 - p
+    return keep, (keep + torch.rand((x.shape[0],) + (1,) * (x.dim() - 1), dtype=x.dtype, device=x.device)).floor_()
+
+
+class DropPath(nn.Module):
+    """Stochastic depth per sample (timm 0.3.2's ``DropPath``): ``x / keep * floor(keep + rand)``."""
+
+    def __init__(self, drop_prob: float = 0.0):
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.drop_prob == 0.0 or not self.training:
+            return x
+        keep, r = _draw_keep(x, self.drop_prob)
+        return x.div(keep) * r
+
+    def extra_repr(self) -> str:
+        return f"drop_prob={self.drop_prob}"
+
+
 class Block(nn.Module):
-    """Pre-norm transformer block: ``x + attn(norm1(x))``, then ``x + mlp(norm2(x))``."""
+    """Pre-norm transformer block: ``x + drop_path(attn(norm1(x)))``, then ``x +
+    drop_path(mlp(norm2(x)))`` (``drop_path``: stochastic depth, an identity at rate 0)."""
 
     def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=False, norm_layer=nn.LayerNorm,
-                 backend: str | None = None):
+                 backend: str | None = None, drop_path: float = 0.0):
         super().__init__()
         self.norm1 = norm_layer(dim)
         self.attn = Attention(dim, num_heads=num_heads, qkv_bias=qkv_bias, backend=backend)
+        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
@@ -100,17 +126,28 @@ class Block(nn.Module):
         fused backend with ``normed = norm1(x)`` already computed and ``next_norm = (weight, bias,
         eps, out_dtype)`` of the norm that follows: returns ``(x_out, next_norm(x_out))``."""
         if normed is None:
-            x = x + self.attn(self.norm1(x))
-            return x + self.mlp(self.norm2(x))
+            x = x + self.drop_path(self.attn(self.norm1(x)))
+            return x + self.drop_path(self.mlp(self.norm2(x)))
         backend = self.attn.backend
         attn, mlp, norm2 = self.attn, self.mlp, self.norm2
+        p = getattr(self.drop_path, "drop_prob", 0.0)
         a = F.linear(attn.heads(normed), attn.proj.weight)  # the bias is added with the residual
         x, normed = ops.add_layer_norm(x, a, norm2.weight, norm2.bias, norm2.eps, bias=attn.proj.bias,
-                                       out_dtype=autocast_dtype(x.device), backend=backend)
-        m = ops.bias_gelu(F.linear(normed, mlp.fc1.weight), mlp.fc1.bias, backend=backend)
+                                       out_dtype=autocast_dtype(x.device), backend=backend,
+                                       branch_scale=_sample_factors(a, p, self.training))
+        m = F.linear(ops.bias_gelu(F.linear(normed, mlp.fc1.weight), mlp.fc1.bias, backend=backend), mlp.fc2.weight)
         w, b, eps, out_dtype = next_norm
-        return ops.add_layer_norm(x, F.linear(m, mlp.fc2.weight), w, b, eps, bias=mlp.fc2.bias,
-                                  out_dtype=out_dtype, backend=backend)
+        return ops.add_layer_norm(x, m, w, b, eps, bias=mlp.fc2.bias, out_dtype=out_dtype, backend=backend,
+                                  branch_scale=_sample_factors(m, p, self.training))
+
+
+def _sample_factors(branch: torch.Tensor, p: float, training: bool) -> torch.Tensor | None:
+    """The branch's stochastic-depth factors ``r / keep`` as the fused add takes them, ``(N,)``
+    fp32, drawn as :class:`DropPath` draws them; None when nothing is dropped (no draw)."""
+    if p == 0.0 or not training:
+        return None
+    keep, r = _draw_keep(branch, p)
+    return r.reshape(-1).float() / keep
 
 
 def forward_blocks(blocks: nn.ModuleList, x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
@@ -132,11 +169,13 @@ def forward_blocks(blocks: nn.ModuleList, x: torch.Tensor, norm: nn.Module) -> t
 
 
 _PLAIN_BLOCK = {"": Block, "norm1": nn.LayerNorm, "attn": Attention, "attn.qkv": nn.Linear, "attn.proj": nn.Linear,
-                "norm2": nn.LayerNorm, "mlp": Mlp, "mlp.fc1": nn.Linear, "mlp.act": nn.GELU, "mlp.fc2": nn.Linear}
+                "drop_path": (nn.Identity, DropPath), "norm2": nn.LayerNorm, "mlp": Mlp, "mlp.fc1": nn.Linear,
+                "mlp.act": nn.GELU, "mlp.fc2": nn.Linear}
 
 
-def _plain(module: nn.Module, cls: type) -> bool:
-    return type(module) is cls and not (module._forward_hooks or module._forward_pre_hooks)
+def _plain(module: nn.Module, cls: type | tuple) -> bool:
+    classes = cls if isinstance(cls, tuple) else (cls,)
+    return type(module) in classes and not (module._forward_hooks or module._forward_pre_hooks)
 
 
 def _fuses(blocks: nn.ModuleList, norm: nn.Module, x: torch.Tensor) -> bool:

@@ -158,3 +158,33 @@ def test_compile_blocks_reuses_one_graph_per_block_shape(seed, backend):
     assert_same_step(run(model, imgs, noise), ref)
     frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     assert 0 < frames <= 4, f"{frames} graphs for 6 blocks of two shapes"
+
+
+def test_fused_blocks_with_stochastic_depth(seed):
+    """Drop path in training mode: the fused blocks draw the same per-sample masks, in the same
+    order, as the reference blocks (attention branch first, blocks in order), so the same seed
+    gives the same step; in eval mode nothing is drawn."""
+    from mae_fast.layers import Block
+
+    blocks = torch.nn.ModuleList([Block(32, 4, qkv_bias=True, drop_path=p) for p in (0.0, 0.3, 0.5)]).to(DEVICE)
+    norm = torch.nn.LayerNorm(32, eps=1e-6).to(DEVICE)
+    x = torch.randn(6, 9, 32, device=DEVICE, requires_grad=True)
+    from mae_fast.layers import forward_blocks
+
+    def step(backend):
+        for blk in blocks:
+            blk.attn.backend = backend
+        torch.manual_seed(7)
+        out = forward_blocks(blocks, x, norm)
+        grads = torch.autograd.grad(out.square().sum(), [x, *blocks.parameters()])
+        return out, grads, torch.rand(1)  # the RNG state after the step: as many draws
+    ref, fused = step("torch"), step("triton")
+    torch.testing.assert_close(fused[0], ref[0], **tol(torch.float32))
+    assert torch.equal(fused[2], ref[2])
+    for a, b in zip(fused[1], ref[1]):
+        torch.testing.assert_close(a, b, **tol(torch.float32))
+    blocks.eval()  # nothing dropped: another output, and no draw
+    evald = step("triton")
+    torch.manual_seed(7)
+    no_draws = torch.rand(1)
+    assert not torch.allclose(evald[0], ref[0]) and torch.equal(evald[2], no_draws)

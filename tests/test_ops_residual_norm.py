@@ -85,6 +85,24 @@ def test_add_layer_norm_autocast_dtypes(seed):
     check(make_inputs((5, 40), torch.float32, y_dtype=torch.bfloat16), torch.bfloat16, out_dtype=torch.bfloat16)
 
 
+@pytest.mark.parametrize("dtypes", [(torch.float32, torch.float32), (torch.float32, torch.float16)])
+def test_add_layer_norm_branch_scale(seed, dtypes):
+    """A per-sample factor on the branch (stochastic depth's floor(keep + rand) / keep): samples
+    with factor 0 get only the residual, the others the scaled branch; y's and the bias's gradients
+    are scaled too."""
+    x_dt, y_dt = dtypes
+    inputs = make_inputs((3, 5, 40), x_dt, y_dtype=y_dt)
+    scale = torch.tensor([0.0, 1 / 0.9, 1 / 0.9], device=DEV)
+    h_dt = torch.promote_types(x_dt, y_dt)
+    check_against_reference(ops.add_layer_norm, inputs[:4] + (1e-6,), y_dt, ref_dtype=torch.float64,
+                            kwargs={"bias": inputs[4], "branch_scale": scale}, out_dtype=(h_dt, h_dt), in_norm=(2, 3))
+    x, y, w, nb, b = inputs
+    h, _ = ops.add_layer_norm(x, y, w, nb, bias=b, branch_scale=scale, backend="triton")
+    assert torch.equal(h[0], x[0].to(h.dtype))
+    with pytest.raises(ValueError, match=r"branch_scale must have shape \(3,\)"):
+        ops.add_layer_norm(x, y, w, nb, branch_scale=scale[:2])
+
+
 def test_add_layer_norm_noncontiguous(seed):
     check(make_inputs((6, 33), torch.float32, noncontig=True), torch.float32)
 
@@ -139,14 +157,17 @@ def test_add_layer_norm_backward_is_deterministic(seed):
 
 def test_add_layer_norm_opcheck(seed):
     x, y, w, nb, b = make_inputs((3, 5, 16), torch.float32)
-    torch.library.opcheck(torch.ops.mae_fast.add_layer_norm.default, (x, y, w, nb, b, 1e-6, torch.float32))
+    scale = torch.tensor([0.0, 1.25, 1.25], device=DEV)
+    torch.library.opcheck(torch.ops.mae_fast.add_layer_norm.default, (x, y, w, nb, b, 1e-6, torch.float32, None))
     torch.library.opcheck(torch.ops.mae_fast.add_layer_norm.default,
-                          (x, y.detach().half().requires_grad_(), w, nb, None, 1e-6, torch.float16))
+                          (x, y.detach().half().requires_grad_(), w, nb, None, 1e-6, torch.float16, scale))
     torch.library.opcheck(torch.ops.mae_fast.layer_norm.default, (x, w, nb, 1e-6, torch.float16))
-    h, _, mean, rstd = torch.ops.mae_fast.add_layer_norm(x, y, w, nb, b, 1e-6, torch.float32)
+    h, _, mean, rstd = torch.ops.mae_fast.add_layer_norm(x, y, w, nb, b, 1e-6, torch.float32, None)
     g = torch.randn_like(x)
     torch.library.opcheck(torch.ops.mae_fast.add_layer_norm_backward.default,
-                          (g, g, h.detach(), w.detach(), mean, rstd, torch.float32, torch.float16))
+                          (g, g, h.detach(), w.detach(), mean, rstd, torch.float32, torch.float16, None))
+    torch.library.opcheck(torch.ops.mae_fast.add_layer_norm_backward.default,
+                          (g, None, h.detach(), w.detach(), mean, rstd, torch.float32, torch.float32, scale))
 
 
 def test_add_layer_norm_torch_compile_fullgraph(seed):
@@ -220,6 +241,6 @@ for D in (768, 1280, 512):
     ROWS, BLOCK_D, warps = m._tile(D)
     k = {"ROWS": ROWS, "BLOCK_D": BLOCK_D}
     for x, y, o in (("fp32", "bf16", "bf16"), ("fp16", "fp16", "fp16")):
-        c(m._add_ln_fwd_kernel, {"x_ptr": "*" + x, "y_ptr": "*" + y, "bias_ptr": "*fp32", "w_ptr": "*fp32", "nb_ptr": "*fp32", "h_ptr": "*" + x, "out_ptr": "*" + o, "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "eps": "fp32"}, {**k, "HAS_Y": True, "HAS_BIAS": True}, num_warps=warps); n += 1
-        c(m._add_ln_bwd_kernel, {"dout_ptr": "*" + o, "dh_ptr": "*" + x, "h_ptr": "*" + x, "w_ptr": "*fp32", "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "dx_ptr": "*" + x, "dy_ptr": "*" + y, "part_ptr": "*fp32"}, {**k, "HAS_DH": True, "WRITE_DY": x != y}, num_warps=warps); n += 1
+        c(m._add_ln_fwd_kernel, {"x_ptr": "*" + x, "y_ptr": "*" + y, "bias_ptr": "*fp32", "scale_ptr": "*fp32", "w_ptr": "*fp32", "nb_ptr": "*fp32", "h_ptr": "*" + x, "out_ptr": "*" + o, "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "eps": "fp32"}, {**k, "HAS_Y": True, "HAS_BIAS": True, "HAS_SCALE": x != y}, num_warps=warps); n += 1
+        c(m._add_ln_bwd_kernel, {"dout_ptr": "*" + o, "dh_ptr": "*" + x, "h_ptr": "*" + x, "w_ptr": "*fp32", "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "scale_ptr": "*fp32", "dx_ptr": "*" + x, "dy_ptr": "*" + y, "part_ptr": "*fp32"}, {**k, "HAS_DH": True, "HAS_SCALE": x != y, "WRITE_DY": True}, num_warps=warps); n += 1
 """

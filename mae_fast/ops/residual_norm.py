@@ -23,11 +23,15 @@ _PROGRAMS_CAP = 1024  # backward programs at most (each loops over row tiles): p
 
 # ============================================================================ reference
 
-def add_layer_norm_reference(x, y, weight, norm_bias, eps: float, bias=None, out_dtype=None):
-    """``h = x + (y + bias)`` (the bias in ``y``'s dtype, as a Linear adds its own), ``out =
-    layer_norm(h)`` cast to ``out_dtype`` when given; returns ``(h, out)``."""
+def add_layer_norm_reference(x, y, weight, norm_bias, eps: float, bias=None, out_dtype=None, branch_scale=None):
+    """``h = x + (y + bias) * branch_scale`` (the bias in ``y``'s dtype, as a Linear adds its own;
+    ``branch_scale (N,)`` one factor per sample, the leading dim), ``out = layer_norm(h)`` cast to
+    ``out_dtype`` when given; returns ``(h, out)``."""
     t = y if bias is None else y + bias.to(y.dtype)
-    h = x + t
+    if branch_scale is None:
+        h = x + t
+    else:
+        h = (x + t * branch_scale.view(-1, *(1,) * (t.dim() - 1))).to(torch.promote_types(x.dtype, y.dtype))
     return h, layer_norm_reference(h, weight, norm_bias, eps, out_dtype)
 
 
@@ -43,8 +47,11 @@ layer_norm_op = Op("layer_norm", layer_norm_reference)
 
 # ============================================================================ entry point
 
-def add_layer_norm(x, y, weight, norm_bias, eps: float = 1e-6, *, bias=None, out_dtype=None, backend=None):
-    """``(h, out)``: ``h = x + (y + bias)`` of the promoted dtype of ``x`` and ``y``, ``out`` its
+def add_layer_norm(x, y, weight, norm_bias, eps: float = 1e-6, *, bias=None, out_dtype=None, branch_scale=None,
+                   backend=None):
+    """``(h, out)``: ``h = x + (y + bias) * branch_scale`` of the promoted dtype of ``x`` and ``y``
+    (``branch_scale (N,)``: one factor per sample of ``x (N, ..., D)``, e.g. stochastic depth's
+    ``floor(keep + rand) / keep``, not differentiated; summed in fp32, one rounding), ``out`` its
     LayerNorm over the last dim (``weight``, ``norm_bias``: ``(D,)``), computed in fp32 and cast to
     ``out_dtype`` (default: what ``F.layer_norm`` returns). ``x``, ``y``: ``(..., D)``, the same
     shape. Under autocast pass the autocast dtype as ``out_dtype``: the next Linear would cast to
@@ -52,7 +59,15 @@ def add_layer_norm(x, y, weight, norm_bias, eps: float = 1e-6, *, bias=None, out
     deterministic (per-program partial sums of the weight and bias gradients, summed in a fixed
     order)."""
     _check_args(x, weight, norm_bias, eps, out_dtype, y=y, bias=bias)
-    return add_layer_norm_op(x, y, weight, norm_bias, float(eps), bias, out_dtype, backend=backend)
+    if branch_scale is not None:
+        check_tensor(branch_scale, "branch_scale", 1)
+        check_float(branch_scale, "branch_scale")
+        check_same_device(x, "x", branch_scale=branch_scale)
+        if x.dim() < 2:
+            raise ValueError(f"x must have shape (N, ..., D) with branch_scale, got {tuple(x.shape)}")
+        check_shape(branch_scale, "branch_scale", (x.shape[0],))
+        branch_scale = branch_scale.detach()  # a random mask's factors: not differentiated
+    return add_layer_norm_op(x, y, weight, norm_bias, float(eps), bias, out_dtype, branch_scale, backend=backend)
 
 
 def layer_norm(x, weight, norm_bias, eps: float = 1e-6, *, out_dtype=None, backend=None):
@@ -87,11 +102,13 @@ if HAS_TRITON:
 
     @triton.jit
     def _add_ln_fwd_kernel(
-        x_ptr, y_ptr, bias_ptr, w_ptr, nb_ptr, h_ptr, out_ptr, mean_ptr, rstd_ptr,
-        R, D, s_x, s_y, eps,
-        HAS_Y: tl.constexpr, HAS_BIAS: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+        x_ptr, y_ptr, bias_ptr, scale_ptr, w_ptr, nb_ptr, h_ptr, out_ptr, mean_ptr, rstd_ptr,
+        R, D, T, s_x, s_y, eps,
+        HAS_Y: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, ROWS: tl.constexpr,
+        BLOCK_D: tl.constexpr,
     ):
-        """``h = x + (y + bias)`` rounded to h's dtype, ``out = (h - mean) * rstd * w + nb``.
+        """``h = x + (y + bias) * scale[row // T]`` rounded once to h's dtype (``y + bias`` first
+        rounded to y's dtype, as a Linear's output), ``out = (h - mean) * rstd * w + nb``.
 
         ``x``, ``y``: ``(R, D)``, row strides ``s_x``, ``s_y``, column stride 1; ``h``, ``out``:
         ``(R, D)`` contiguous (``h`` unused without HAS_Y: the norm reads ``x``); ``mean``,
@@ -110,7 +127,10 @@ if HAS_TRITON:
             if HAS_BIAS:
                 b = tl.load(bias_ptr + cols, mask=cmask, other=0.0).to(t.dtype)
                 t = (t.to(tl.float32) + b.to(tl.float32)[None, :]).to(y_ptr.dtype.element_ty)
-            h = (h + t.to(tl.float32)).to(h_ptr.dtype.element_ty)
+            t = t.to(tl.float32)
+            if HAS_SCALE:  # one factor per sample: T rows each
+                t *= tl.load(scale_ptr + rows // T, mask=rmask, other=0.0).to(tl.float32)[:, None]
+            h = (h + t).to(h_ptr.dtype.element_ty)
             tl.store(h_ptr + (rows * D)[:, None] + cols[None, :], h, mask=m)
             h = h.to(tl.float32)
         mean = tl.sum(h, axis=1) / D
@@ -125,13 +145,14 @@ if HAS_TRITON:
 
     @triton.jit
     def _add_ln_bwd_kernel(
-        dout_ptr, dh_ptr, h_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, dy_ptr, part_ptr,
-        R, D, s_do, s_dh, s_h, tiles_per_prog,
-        HAS_DH: tl.constexpr, WRITE_DY: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+        dout_ptr, dh_ptr, h_ptr, w_ptr, mean_ptr, rstd_ptr, scale_ptr, dx_ptr, dy_ptr, part_ptr,
+        R, D, T, s_do, s_dh, s_h, tiles_per_prog,
+        HAS_DH: tl.constexpr, HAS_SCALE: tl.constexpr, WRITE_DY: tl.constexpr, ROWS: tl.constexpr,
+        BLOCK_D: tl.constexpr,
     ):
         """The gradient of the residual stream, ``g = dh + LayerNorm'(h) dout``, written as ``dx``
-        (x's dtype) and, if WRITE_DY, ``dy`` (y's dtype); per-program partial sums ``part[pid] =
-        (sum dout * xhat, sum dout, sum g as y's dtype)`` of the weight, norm-bias and bias
+        (x's dtype) and, if WRITE_DY, ``dy = g * scale[row // T]`` (y's dtype); per-program partial
+        sums ``part[pid] = (sum dout * xhat, sum dout, sum dy)`` of the weight, norm-bias and bias
         gradients, fp32 ``(programs, 3, D)``, summed afterwards in a fixed order (no atomics).
 
         ``dout``, ``dh``, ``h``: ``(R, D)`` with row strides, column stride 1; ``dx``, ``dy``
@@ -165,7 +186,11 @@ if HAS_TRITON:
             g = tl.where(m, g, 0.0)
             out_off = (rows * D)[:, None] + cols[None, :]
             tl.store(dx_ptr + out_off, g.to(dx_ptr.dtype.element_ty), mask=m)
-            gy = g.to(dy_ptr.dtype.element_ty)
+            if HAS_SCALE:
+                gy = (g * tl.load(scale_ptr + rows // T, mask=rmask, other=0.0).to(tl.float32)[:, None])
+                gy = gy.to(dy_ptr.dtype.element_ty)
+            else:
+                gy = g.to(dy_ptr.dtype.element_ty)
             if WRITE_DY:
                 tl.store(dy_ptr + out_off, gy, mask=m)
             acc_w += tl.sum(go * xhat, axis=0)
@@ -192,7 +217,7 @@ def _tile(D: int) -> tuple[int, int, int]:
     return rows, block, 8 if rows * block >= 4096 else 4
 
 
-def _launch_fwd(x, y, bias, weight, norm_bias, eps, h_dtype, out_dtype):
+def _launch_fwd(x, y, bias, weight, norm_bias, eps, h_dtype, out_dtype, scale=None):
     """``(h or None, out, mean, rstd)`` of ``x``'s shape (mean, rstd: ``(R,)`` fp32)."""
     D = x.shape[-1]
     x2 = _rows_2d(x)
@@ -207,16 +232,25 @@ def _launch_fwd(x, y, bias, weight, norm_bias, eps, h_dtype, out_dtype):
     if R:
         ROWS, BLOCK_D, warps = _tile(D)
         _add_ln_fwd_kernel[(triton.cdiv(R, ROWS),)](
-            x2, y2, bias if bias is not None else weight, weight, norm_bias, h if h is not None else out, out,
-            mean, rstd, R, D, x2.stride(0), y2.stride(0), eps,
-            HAS_Y=y is not None, HAS_BIAS=bias is not None, ROWS=ROWS, BLOCK_D=BLOCK_D, num_warps=warps,
+            x2, y2, bias if bias is not None else weight, scale if scale is not None else weight, weight, norm_bias,
+            h if h is not None else out, out, mean, rstd, R, D, _rows_per_sample(x, scale), x2.stride(0),
+            y2.stride(0), eps, HAS_Y=y is not None, HAS_BIAS=bias is not None, HAS_SCALE=scale is not None,
+            ROWS=ROWS, BLOCK_D=BLOCK_D, num_warps=warps,
         )
     return h, out, mean, rstd
 
 
-def _launch_bwd(dout, dh, h, weight, mean, rstd, x_dtype, y_dtype):
-    """``(dx, dy or None, partial sums (programs, 3, D) fp32)``; ``dy`` only when ``y_dtype``
-    differs from ``x_dtype`` (else dx is y's gradient too)."""
+def _rows_per_sample(x, scale) -> int:
+    return (x.numel() // x.shape[-1]) // x.shape[0] if scale is not None and x.shape[0] else 1
+
+
+def _writes_dy(x_dtype, y_dtype, scale) -> bool:
+    return y_dtype is not None and (y_dtype != x_dtype or scale is not None)
+
+
+def _launch_bwd(dout, dh, h, weight, mean, rstd, x_dtype, y_dtype, scale=None):
+    """``(dx, dy or None, partial sums (programs, 3, D) fp32)``; ``dy`` only when it differs from
+    ``dx`` (another dtype, or a branch scale)."""
     D = h.shape[-1]
     do2, h2 = _rows_2d(dout), _rows_2d(h)
     weight = weight.contiguous()
@@ -225,14 +259,15 @@ def _launch_bwd(dout, dh, h, weight, mean, rstd, x_dtype, y_dtype):
     ROWS, BLOCK_D, warps = _tile(D)
     n_tiles = triton.cdiv(R, ROWS)
     programs = reduction_programs(n_tiles, _PROGRAMS_CAP)
-    write_dy = y_dtype is not None and y_dtype != x_dtype
+    write_dy = _writes_dy(x_dtype, y_dtype, scale)
     dx = torch.empty(h.shape, dtype=x_dtype, device=h.device)
     dy = torch.empty(h.shape, dtype=y_dtype, device=h.device) if write_dy else None
     part = torch.empty((programs, 3, D), dtype=torch.float32, device=h.device)
     _add_ln_bwd_kernel[(programs,)](
-        do2, dh2, h2, weight, mean, rstd, dx, dy if write_dy else dx, part,
-        R, D, do2.stride(0), dh2.stride(0), h2.stride(0), triton.cdiv(n_tiles, programs),
-        HAS_DH=dh is not None, WRITE_DY=write_dy, ROWS=ROWS, BLOCK_D=BLOCK_D, num_warps=warps,
+        do2, dh2, h2, weight, mean, rstd, scale if scale is not None else weight, dx, dy if write_dy else dx, part,
+        R, D, _rows_per_sample(h, scale), do2.stride(0), dh2.stride(0), h2.stride(0), triton.cdiv(n_tiles, programs),
+        HAS_DH=dh is not None, HAS_SCALE=scale is not None, WRITE_DY=write_dy, ROWS=ROWS, BLOCK_D=BLOCK_D,
+        num_warps=warps,
     )
     return dx, dy, part
 
@@ -241,14 +276,14 @@ def _launch_bwd(dout, dh, h, weight, mean, rstd, x_dtype, y_dtype):
 
 @torch.library.custom_op("mae_fast::add_layer_norm", mutates_args=())
 def _add_ln_cop(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, norm_bias: torch.Tensor,
-                bias: Optional[torch.Tensor], eps: float, out_dtype: torch.dtype
+                bias: Optional[torch.Tensor], eps: float, out_dtype: torch.dtype, scale: Optional[torch.Tensor]
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(h, out, mean, rstd)``."""
-    return _launch_fwd(x, y, bias, weight, norm_bias, eps, torch.promote_types(x.dtype, y.dtype), out_dtype)
+    return _launch_fwd(x, y, bias, weight, norm_bias, eps, torch.promote_types(x.dtype, y.dtype), out_dtype, scale)
 
 
 @_add_ln_cop.register_fake
-def _(x, y, weight, norm_bias, bias, eps, out_dtype):
+def _(x, y, weight, norm_bias, bias, eps, out_dtype, scale):
     R = x.numel() // x.shape[-1]
     stats = x.new_empty((R,), dtype=torch.float32)
     return (x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, y.dtype)), x.new_empty(x.shape, dtype=out_dtype),
@@ -270,18 +305,18 @@ def _(x, weight, norm_bias, eps, out_dtype):
 
 @torch.library.custom_op("mae_fast::add_layer_norm_backward", mutates_args=())
 def _add_ln_bwd_cop(dout: torch.Tensor, dh: Optional[torch.Tensor], h: torch.Tensor, weight: torch.Tensor,
-                    mean: torch.Tensor, rstd: torch.Tensor, x_dtype: torch.dtype, y_dtype: Optional[torch.dtype]
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    mean: torch.Tensor, rstd: torch.Tensor, x_dtype: torch.dtype, y_dtype: Optional[torch.dtype],
+                    scale: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dx, dy, partial sums)``; ``dy`` is empty when it would equal ``dx``."""
-    dx, dy, part = _launch_bwd(dout, dh, h, weight, mean, rstd, x_dtype, y_dtype)
+    dx, dy, part = _launch_bwd(dout, dh, h, weight, mean, rstd, x_dtype, y_dtype, scale)
     return dx, dy if dy is not None else dx.new_empty((0,)), part
 
 
 @_add_ln_bwd_cop.register_fake
-def _(dout, dh, h, weight, mean, rstd, x_dtype, y_dtype):
+def _(dout, dh, h, weight, mean, rstd, x_dtype, y_dtype, scale):
     D = h.shape[-1]
     programs = reduction_programs(triton.cdiv(h.numel() // D, _tile(D)[0]), _PROGRAMS_CAP)
-    write_dy = y_dtype is not None and y_dtype != x_dtype
+    write_dy = _writes_dy(x_dtype, y_dtype, scale)
     return (h.new_empty(h.shape, dtype=x_dtype), h.new_empty(h.shape if write_dy else (0,), dtype=y_dtype or x_dtype),
             h.new_empty((programs, 3, D), dtype=torch.float32))
 
@@ -293,9 +328,9 @@ def _param_grads(ctx, part, offset: int):
 
 
 def _add_ln_setup(ctx, inputs, output):
-    x, y, weight, norm_bias, bias, eps, out_dtype = inputs
+    x, y, weight, norm_bias, bias, eps, out_dtype, scale = inputs
     h, _, mean, rstd = output
-    ctx.save_for_backward(h, weight, mean, rstd)
+    ctx.save_for_backward(h, weight, mean, rstd, scale)
     ctx.dtypes = (x.dtype, y.dtype)
     ctx.param_dtypes = (weight.dtype, norm_bias.dtype) + ((bias.dtype,) if bias is not None else ())
     ctx.mark_non_differentiable(mean, rstd)
@@ -303,15 +338,15 @@ def _add_ln_setup(ctx, inputs, output):
 
 
 def _add_ln_backward(ctx, dh, dout, _dmean, _drstd):
-    h, weight, mean, rstd = ctx.saved_tensors
+    h, weight, mean, rstd, scale = ctx.saved_tensors
     x_dt, y_dt = ctx.dtypes
     if dout is None:
         dout = torch.zeros_like(h)
-    dx, dy, part = _add_ln_bwd_cop(dout, dh, h, weight, mean, rstd, x_dt, y_dt)
-    if y_dt == x_dt:  # one gradient for both, as autograd's own add passes it
+    dx, dy, part = _add_ln_bwd_cop(dout, dh, h, weight, mean, rstd, x_dt, y_dt, scale)
+    if not _writes_dy(x_dt, y_dt, scale):  # one gradient for both, as autograd's own add passes it
         dy = dx
     dw, dnb, *db = _param_grads(ctx, part, 2)
-    return dx, dy, dw, dnb, (db[0] if db else None), None, None
+    return dx, dy, dw, dnb, (db[0] if db else None), None, None, None
 
 
 _add_ln_cop.register_autograd(_add_ln_backward, setup_context=_add_ln_setup)
@@ -328,7 +363,7 @@ def _ln_setup(ctx, inputs, output):
 
 def _ln_backward(ctx, dout, _dmean, _drstd):
     x, weight, mean, rstd = ctx.saved_tensors
-    dx, _, part = _add_ln_bwd_cop(dout, None, x, weight, mean, rstd, ctx.x_dtype, None)
+    dx, _, part = _add_ln_bwd_cop(dout, None, x, weight, mean, rstd, ctx.x_dtype, None, None)
     dw, dnb = _param_grads(ctx, part, 1)
     return dx, dw, dnb, None, None
 
@@ -348,9 +383,9 @@ def _ln_dtype(device, in_dtype, out_dtype):
     return in_dtype
 
 
-def _add_layer_norm_triton(x, y, weight, norm_bias, eps, bias=None, out_dtype=None):
+def _add_layer_norm_triton(x, y, weight, norm_bias, eps, bias=None, out_dtype=None, branch_scale=None):
     dt = _ln_dtype(x.device, torch.promote_types(x.dtype, y.dtype), out_dtype)
-    h, out, _, _ = _add_ln_cop(x, y, weight, norm_bias, bias, eps, dt)
+    h, out, _, _ = _add_ln_cop(x, y, weight, norm_bias, bias, eps, dt, branch_scale)
     return h, out
 
 
@@ -358,8 +393,8 @@ def _layer_norm_triton(x, weight, norm_bias, eps, out_dtype=None):
     return _ln_cop(x, weight, norm_bias, eps, _ln_dtype(x.device, x.dtype, out_dtype))[0]
 
 
-def _add_ln_problem(x, y, weight, norm_bias, eps, bias=None, out_dtype=None):
-    extra = {"bias": bias} if bias is not None else {}
+def _add_ln_problem(x, y, weight, norm_bias, eps, bias=None, out_dtype=None, branch_scale=None):
+    extra = {k: t for k, t in (("bias", bias), ("branch_scale", branch_scale)) if t is not None}
     return triton_problem(x=x, y=y, weight=weight, norm_bias=norm_bias, **extra) or _out_problem(out_dtype)
 
 
