@@ -124,7 +124,8 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, normed: torch.Tensor | None = None, next_norm: tuple | None = None):
         """``x + attn(norm1(x))``, then ``x + mlp(norm2(x))``. Called by :func:`forward_blocks` on a
         fused backend with ``normed = norm1(x)`` already computed and ``next_norm = (weight, bias,
-        eps, out_dtype)`` of the norm that follows: returns ``(x_out, next_norm(x_out))``."""
+        eps, out_dtype)`` of the norm that follows (None: none follows): returns ``(x_out,
+        next_norm(x_out))`` (``(x_out, None)``)."""
         if normed is None:
             x = x + self.drop_path(self.attn(self.norm1(x)))
             return x + self.drop_path(self.mlp(self.norm2(x)))
@@ -135,7 +136,10 @@ class Block(nn.Module):
         x, normed = ops.add_layer_norm(x, a, norm2.weight, norm2.bias, norm2.eps, bias=attn.proj.bias,
                                        out_dtype=autocast_dtype(x.device), backend=backend,
                                        branch_scale=_sample_factors(a, p, self.training))
-        m = F.linear(ops.bias_gelu(F.linear(normed, mlp.fc1.weight), mlp.fc1.bias, backend=backend), mlp.fc2.weight)
+        m = ops.bias_gelu(F.linear(normed, mlp.fc1.weight), mlp.fc1.bias, backend=backend)
+        if next_norm is None:  # the stack's output goes on unnormed (e.g. to global pooling)
+            return x + self.drop_path(mlp.fc2(m)), None
+        m = F.linear(m, mlp.fc2.weight)
         w, b, eps, out_dtype = next_norm
         return ops.add_layer_norm(x, m, w, b, eps, bias=mlp.fc2.bias, out_dtype=out_dtype, backend=backend,
                                   branch_scale=_sample_factors(m, p, self.training))
@@ -150,22 +154,23 @@ def _sample_factors(branch: torch.Tensor, p: float, training: bool) -> torch.Ten
     return r.reshape(-1).float() / keep
 
 
-def forward_blocks(blocks: nn.ModuleList, x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
-    """``norm(blocks(x))``: fused (see the module's docstring) when the blocks' backend has the
-    fused ops for ``x`` and every module is the plain one with no hooks (a hook, a swapped-in
-    module or FSDP's wrapping must see the calls), else block by block as the reference."""
+def forward_blocks(blocks: nn.ModuleList, x: torch.Tensor, norm: nn.Module | None) -> torch.Tensor:
+    """``norm(blocks(x))`` (``blocks(x)`` when ``norm`` is None): fused (see the module's
+    docstring) when the blocks' backend has the fused ops for ``x`` and every module is the plain
+    one with no hooks (a hook, a swapped-in module or FSDP's wrapping must see the calls), else
+    block by block as the reference."""
     if len(blocks) == 0 or not _fuses(blocks, norm, x):
         for blk in blocks:
             x = blk(x)
-        return norm(x)
+        return x if norm is None else norm(x)
     cast = autocast_dtype(x.device)  # the next Linear's input dtype under autocast
     n1 = blocks[0].norm1
     normed = ops.layer_norm(x, n1.weight, n1.bias, n1.eps, out_dtype=cast, backend=blocks[0].attn.backend)
     for i, blk in enumerate(blocks):
         last = i + 1 == len(blocks)
         nxt = norm if last else blocks[i + 1].norm1
-        x, normed = blk(x, normed, (nxt.weight, nxt.bias, nxt.eps, None if last else cast))
-    return normed
+        x, normed = blk(x, normed, None if nxt is None else (nxt.weight, nxt.bias, nxt.eps, None if last else cast))
+    return x if norm is None else normed
 
 
 _PLAIN_BLOCK = {"": Block, "norm1": nn.LayerNorm, "attn": Attention, "attn.qkv": nn.Linear, "attn.proj": nn.Linear,
@@ -185,7 +190,7 @@ def _fuses(blocks: nn.ModuleList, norm: nn.Module, x: torch.Tensor) -> bool:
 
     if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
         return False
-    if not (_plain(norm, nn.LayerNorm) and norm.weight is not None and norm.bias is not None):
+    if norm is not None and not (_plain(norm, nn.LayerNorm) and norm.weight is not None and norm.bias is not None):
         return False
     for blk in blocks:
         mods = dict(blk.named_modules())
