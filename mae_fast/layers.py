@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import ops
-from .ops._backend import autocast_dtype
+from .ops._backend import autocast_dtype, check_backend_name
 from .ops.residual_norm import layer_norm_op
 
 
@@ -152,6 +152,35 @@ def _sample_factors(branch: torch.Tensor, p: float, training: bool) -> torch.Ten
         return None
     keep, r = _draw_keep(branch, p)
     return r.reshape(-1).float() / keep
+
+
+class BlocksMixin:
+    """What a model of :class:`Block` stacks offers: ``backend``, the kernel backend of every
+    block's ops (None: follow :func:`mae_fast.use_backend` / ``MAE_FAST_BACKEND``), and
+    :meth:`compile_blocks`."""
+
+    @property
+    def backend(self) -> str | None:
+        return self._backend
+
+    @backend.setter
+    def backend(self, name: str | None) -> None:
+        if name is not None:
+            check_backend_name(name)
+        self._backend = name
+        for m in self.modules():
+            if isinstance(m, Attention):
+                m.backend = name
+
+    def compile_blocks(self, **compile_kwargs):
+        """Regional compilation: ``torch.compile`` each transformer block in place. Blocks of the
+        same width share one compiled graph, so compile time is a block's, not the whole model's;
+        everything else runs eagerly. ``compile_kwargs`` go to ``torch.compile`` (e.g.
+        ``mode="max-autotune-no-cudagraphs"``). Returns the model."""
+        for m in self.modules():
+            if isinstance(m, Block):
+                m.compile(**compile_kwargs)
+        return self
 
 
 def forward_blocks(blocks: nn.ModuleList, x: torch.Tensor, norm: nn.Module | None) -> torch.Tensor:

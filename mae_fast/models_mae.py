@@ -20,13 +20,12 @@ import torch
 import torch.nn as nn
 
 from . import ops
-from .layers import Block, PatchEmbed, forward_blocks, is_plain_patch_embed
+from .layers import Block, BlocksMixin, PatchEmbed, forward_blocks, is_plain_patch_embed
 from .model_checks import check_imgs, check_noise, len_keep, len_keep_for_loss
-from .ops._backend import check_backend_name
 from .pos_embed import sincos_2d
 
 
-class MaskedAutoencoderViT(nn.Module):
+class MaskedAutoencoderViT(BlocksMixin, nn.Module):
     """Masked Autoencoder with a VisionTransformer backbone."""
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3,
@@ -67,27 +66,6 @@ class MaskedAutoencoderViT(nn.Module):
         self.initialize_weights()
 
     # ------------------------------------------------------------------ set-up
-    @property
-    def backend(self) -> str | None:
-        return self._backend
-
-    @backend.setter
-    def backend(self, name: str | None) -> None:
-        if name is not None:
-            check_backend_name(name)
-        self._backend = name
-        for blk in (*self.blocks, *self.decoder_blocks):
-            blk.attn.backend = name
-
-    def compile_blocks(self, **compile_kwargs) -> "MaskedAutoencoderViT":
-        """Regional compilation: ``torch.compile`` each transformer block in place. The blocks of
-        the encoder (and of the decoder) share one compiled graph, so compile time is one block's,
-        not the whole model's; everything else runs eagerly. ``compile_kwargs`` go to
-        ``torch.compile`` (e.g. ``mode="max-autotune-no-cudagraphs"``). Returns the model."""
-        for blk in (*self.blocks, *self.decoder_blocks):
-            blk.compile(**compile_kwargs)
-        return self
-
     def initialize_weights(self):
         grid = self.patch_embed.grid_size
         self.pos_embed.data.copy_(sincos_2d(self.pos_embed.shape[-1], grid, cls_token=True).float().unsqueeze(0))

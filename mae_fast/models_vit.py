@@ -21,12 +21,11 @@ from typing import Mapping
 import torch
 import torch.nn as nn
 
-from .layers import Block, PatchEmbed, forward_blocks
+from .layers import Block, BlocksMixin, PatchEmbed, forward_blocks
 from .model_checks import check_imgs
-from .ops._backend import check_backend_name
 
 
-class VisionTransformer(nn.Module):
+class VisionTransformer(BlocksMixin, nn.Module):
     """Vision Transformer with support for global average pooling."""
 
     def __init__(self, global_pool=False, img_size=224, patch_size=16, in_chans=3, num_classes=1000,
@@ -61,18 +60,6 @@ class VisionTransformer(nn.Module):
         self.in_chans = in_chans
         self.backend = backend
 
-    @property
-    def backend(self) -> str | None:
-        return self._backend
-
-    @backend.setter
-    def backend(self, name: str | None) -> None:
-        if name is not None:
-            check_backend_name(name)
-        self._backend = name
-        for blk in self.blocks:
-            blk.attn.backend = name
-
     def _init_weights(self, m):
         if isinstance(m, nn.Linear):
             nn.init.trunc_normal_(m.weight, std=.02)
@@ -105,12 +92,6 @@ class VisionTransformer(nn.Module):
 
     def forward(self, x):
         return self.head(self.forward_features(x))
-
-    def compile_blocks(self, **compile_kwargs) -> "VisionTransformer":
-        """Regional compilation, as :meth:`mae_fast.models_mae.MaskedAutoencoderViT.compile_blocks`."""
-        for blk in self.blocks:
-            blk.compile(**compile_kwargs)
-        return self
 
 
 def _check_supported(embed_dim, num_heads, qk_scale, drop_rate, attn_drop_rate, hybrid_backbone) -> None:
