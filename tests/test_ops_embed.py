@@ -9,7 +9,7 @@ import torch
 from conftest import assert_close, check_against_reference
 from mae_fast import ops
 from mae_fast.ops._triton import why_not_triton
-from triton_compile import run_compile_check
+from triton_compile import sm90_compile_test
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(why_not_triton(torch.device(DEV)) is not None,
@@ -250,13 +250,6 @@ def test_embed_wide_rows(seed):
     check_embed(make_inputs(1, 5, 16, 1, 3, 1100, 2, torch.float32), torch.float32)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests run the compiled kernels")
-def test_kernels_compile_for_sm90():
-    """Every kernel variant compiles to an sm_90 cubin (no GPU needed): the compiled path accepts
-    what the interpreter accepted."""
-    assert "compiled 9" in run_compile_check("embed", BODY)
-
-
 BODY = """
 n = 0
 for dt in ("fp32", "fp16", "bf16"):
@@ -282,3 +275,6 @@ def test_embed_declines_for_auto():
     assert embed.unsupported("triton", imgs, ids, *args) is None and gather.unsupported("triton", imgs, ids, 4) is None
     assert "imgs must be float32" in embed.unsupported("triton", imgs.double(), ids, *args)
     assert "imgs must be float32" in gather.unsupported("triton", imgs.double(), ids, 4)
+
+
+test_kernels_compile_for_sm90 = sm90_compile_test("embed", BODY, 9)

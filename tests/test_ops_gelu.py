@@ -9,7 +9,7 @@ from conftest import assert_close, check_against_reference
 from mae_fast import ops
 from mae_fast.ops import gelu
 from mae_fast.ops._triton import why_not_triton
-from triton_compile import run_compile_check
+from triton_compile import sm90_compile_test
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(why_not_triton(torch.device(DEV)) is not None,
@@ -105,11 +105,6 @@ def test_bias_gelu_gpu(seed, dtype, F):
     check(make_inputs((4, 197, F), dtype, device="cuda"), dtype)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests run the compiled kernels")
-def test_kernels_compile_for_sm90():
-    assert "compiled 6" in run_compile_check("gelu", BODY)
-
-
 BODY = """
 n = 0
 for dt in ("fp32", "fp16", "bf16"):
@@ -118,3 +113,6 @@ for dt in ("fp32", "fp16", "bf16"):
     c(m._bias_gelu_fwd_kernel, {"x_ptr": "*" + dt, "b_ptr": "*fp32", "out_ptr": "*" + dt}, k, num_warps=8); n += 1
     c(m._bias_gelu_bwd_kernel, {"g_ptr": "*" + dt, "x_ptr": "*" + dt, "b_ptr": "*fp32", "dx_ptr": "*" + dt, "part_ptr": "*fp32"}, k, num_warps=8); n += 1
 """
+
+
+test_kernels_compile_for_sm90 = sm90_compile_test("gelu", BODY, 6)

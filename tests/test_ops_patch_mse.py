@@ -9,7 +9,7 @@ import torch
 from conftest import assert_close, check_against_reference
 from mae_fast import ops
 from mae_fast.ops._triton import why_not_triton
-from triton_compile import run_compile_check
+from triton_compile import sm90_compile_test
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(why_not_triton(torch.device(DEV)) is not None,
@@ -324,13 +324,6 @@ def test_glue_pipeline_inductor_fullgraph(seed):
         assert_close(a, b)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests run the compiled kernels")
-def test_kernels_compile_for_sm90():
-    """Every kernel variant compiles to an sm_90 cubin (no GPU needed): the compiled path accepts
-    what the interpreter accepted."""
-    assert "compiled 24" in run_compile_check("patch_mse", BODY)
-
-
 BODY = """
 n = 0
 aligned = ("pred_ptr", "img_ptr", "dpred_ptr", "s_pn", "s_pm", "s_in", "s_ic", "s_ih")
@@ -345,3 +338,6 @@ for i, ((P, C, R), norm, ids, weighted) in enumerate(variants):
 for dt in ("fp32", "bf16"):
     c(m._patch_mse_finish_kernel, {"part_ptr": "*fp32", "loss_ptr": "*" + dt, "msum_ptr": "*fp32"}, {"BLOCK": 1024}); n += 1
 """
+
+
+test_kernels_compile_for_sm90 = sm90_compile_test("patch_mse", BODY, 24)

@@ -9,7 +9,7 @@ from conftest import assert_close, check_against_reference
 from mae_fast import ops
 from mae_fast.ops import residual_norm as aln
 from mae_fast.ops._triton import why_not_triton
-from triton_compile import run_compile_check
+from triton_compile import sm90_compile_test
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(why_not_triton(torch.device(DEV)) is not None,
@@ -229,12 +229,6 @@ def test_add_layer_norm_inductor_gpu(seed):
     assert_close(torch.compile(f, fullgraph=True)(x, y, w, nb, b), f(x, y, w, nb, b))
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests run the compiled kernels")
-def test_kernels_compile_for_sm90():
-    """Every kernel variant compiles to an sm_90 cubin (no GPU needed)."""
-    assert "compiled 12" in run_compile_check("residual_norm", BODY)
-
-
 BODY = """
 n = 0
 for D in (768, 1280, 512):
@@ -244,3 +238,6 @@ for D in (768, 1280, 512):
         c(m._add_ln_fwd_kernel, {"x_ptr": "*" + x, "y_ptr": "*" + y, "bias_ptr": "*fp32", "scale_ptr": "*fp32", "w_ptr": "*fp32", "nb_ptr": "*fp32", "h_ptr": "*" + x, "out_ptr": "*" + o, "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "eps": "fp32"}, {**k, "HAS_Y": True, "HAS_BIAS": True, "HAS_SCALE": x != y}, num_warps=warps); n += 1
         c(m._add_ln_bwd_kernel, {"dout_ptr": "*" + o, "dh_ptr": "*" + x, "h_ptr": "*" + x, "w_ptr": "*fp32", "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "scale_ptr": "*fp32", "dx_ptr": "*" + x, "dy_ptr": "*" + y, "part_ptr": "*fp32"}, {**k, "HAS_DH": True, "HAS_SCALE": x != y, "WRITE_DY": True}, num_warps=warps); n += 1
 """
+
+
+test_kernels_compile_for_sm90 = sm90_compile_test("residual_norm", BODY, 12)

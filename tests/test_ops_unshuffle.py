@@ -8,7 +8,7 @@ import torch
 from conftest import assert_close, check_against_reference
 from mae_fast import ops
 from mae_fast.ops._triton import why_not_triton
-from triton_compile import run_compile_check
+from triton_compile import sm90_compile_test
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(why_not_triton(torch.device(DEV)) is not None,
@@ -148,13 +148,6 @@ def test_unshuffle_inductor_gpu(seed):
     assert_close(loss, f(x, ids, mt, pos))
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests run the compiled kernels")
-def test_kernels_compile_for_sm90():
-    """Every kernel variant compiles to an sm_90 cubin (no GPU needed): the compiled path accepts
-    what the interpreter accepted."""
-    assert "compiled 6" in run_compile_check("unshuffle", BODY)
-
-
 BODY = """
 n = 0
 for dt in ("fp32", "fp16", "bf16"):
@@ -170,3 +163,6 @@ def test_unshuffle_declines_for_auto():
     ids = torch.randperm(4, device=DEV).repeat(2, 1)
     assert op.unsupported("triton", x, ids, mt, pos) is None
     assert "x must be float32, float16 or bfloat16" in op.unsupported("triton", x.double(), ids, mt, pos)
+
+
+test_kernels_compile_for_sm90 = sm90_compile_test("unshuffle", BODY, 6)
