@@ -272,8 +272,11 @@ def check_same_groups(ckpt: dict, groups: tuple[list[str], list[str]], decay_tok
     theirs = [len(g["params"]) for g in ckpt["optimizer"].get("param_groups", [])]
     ours = [len(g) for g in groups]
     if theirs != ours:
-        hint = (" (the authors' code also decays the cls/mask tokens: add --decay-tokens)"
-                if not decay_tokens and theirs == [ours[0] - 2, ours[1] + 2] else "")
+        hint = ""
+        if not decay_tokens and theirs == [ours[0] - 2, ours[1] + 2]:
+            hint = " (it decays the cls/mask tokens, as the authors' code: drop --no-decay-tokens)"
+        elif decay_tokens and theirs == [ours[0] + 2, ours[1] - 2]:
+            hint = " (it was trained with --no-decay-tokens: add --no-decay-tokens)"
         raise ValueError(f"--resume: the checkpoint's optimizer has parameter groups of {theirs} tensors, "
                          f"this run's has {ours}{hint}")
 

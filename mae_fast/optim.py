@@ -3,16 +3,18 @@ the optimizer step.
 
 - ``lr = blr * effective_batch / 256`` (:func:`absolute_lr`), effective batch = per-process batch x
   accumulation steps x processes;
-- weight decay on matrices only: every 1-D parameter (norm weights, biases) and the cls / mask
-  tokens get none; frozen parameters (the sin-cos ``pos_embed`` tables) are left out;
+- weight decay as timm 0.3.2's ``add_weight_decay`` (the authors' ``main_pretrain.py``): every 1-D
+  parameter (norm weights) and every ``.bias`` gets none, everything else (matrices and the 3-D cls /
+  mask tokens) is decayed; frozen parameters (the sin-cos ``pos_embed`` tables) are left out;
 - half-cycle cosine after a linear warm-up, evaluated at a fractional epoch
   (``step / steps_per_epoch + epoch``), exactly as the authors' ``util/lr_sched.adjust_learning_rate``;
 - the step of their ``util/misc.NativeScalerWithGradNormCount`` (:class:`LossScaler`): backward,
   then on an update unscale (fp16), clip if asked, step.
 
-Note: the authors' code builds its groups with timm's ``add_weight_decay``, which skips only 1-D
-parameters and ``.bias``; the cls and mask tokens (3-D) are decayed there. ``decay_tokens=True``
-reproduces that (and makes the optimizer state's group sizes identical to theirs).
+``decay_tokens=True`` (the default) is exactly the authors' grouping, so that a mae_fast training
+checkpoint's optimizer state loads in their ``misc.load_model`` and theirs in ours;
+``decay_tokens=False`` (``--no-decay-tokens``, mae_fast's default before) also exempts the cls /
+mask tokens from decay.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ def absolute_lr(blr: float, effective_batch: int) -> float:
     return blr * effective_batch / 256
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float, *, decay_tokens: bool = False) -> list[dict]:
+def param_groups(model: torch.nn.Module, weight_decay: float, *, decay_tokens: bool = True) -> list[dict]:
     """AdamW groups ``[{no decay}, {decay}]``, in the order of timm's ``add_weight_decay`` (the
     names: :func:`param_group_names`)."""
     groups = param_group_names(model, decay_tokens=decay_tokens)
@@ -36,7 +38,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float, *, decay_tokens: b
             {"params": [params[n] for n in groups[1]], "weight_decay": weight_decay}]
 
 
-def param_group_names(model: torch.nn.Module, *, decay_tokens: bool = False) -> tuple[list[str], list[str]]:
+def param_group_names(model: torch.nn.Module, *, decay_tokens: bool = True) -> tuple[list[str], list[str]]:
     """``(no_decay_names, decay_names)``, trainable parameters only, in ``named_parameters`` order."""
     no_decay, decay = [], []
     for name, p in model.named_parameters():

@@ -71,8 +71,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--blr", type=float, help="base lr per 256 images (default 1.5e-4; 4e-3 with --demo)")
     g.add_argument("--min-lr", type=float, default=0.0, help="lr floor of the cosine (default 0)")
     g.add_argument("--weight-decay", type=float, default=0.05, help="default 0.05 (matrices only)")
-    g.add_argument("--decay-tokens", action="store_true",
-                   help="also decay cls/mask tokens, as the authors' timm add_weight_decay does")
+    g.add_argument("--decay-tokens", action=argparse.BooleanOptionalAction, default=True,
+                   help="decay the cls/mask tokens as the authors' timm add_weight_decay does (default); "
+                        "--no-decay-tokens exempts them (mae_fast's old default)")
     g.add_argument("--clip-grad", type=float, help="clip the gradient norm (off by default, as the authors)")
     g.add_argument("--amp", choices=("bf16", "fp16", "none"),
                    help="autocast dtype (default bf16 on CUDA, none on CPU; fp16 uses a GradScaler)")

@@ -56,19 +56,38 @@ def test_lr_schedule_is_the_authors():
     assert o.param_groups[1]["lr"] == pytest.approx(2.5e-4)
 
 
-def test_weight_decay_only_on_matrices():
+def timm_032_add_weight_decay(model, weight_decay=1e-5, skip_list=()):
+    """timm 0.3.2's optim_factory.add_weight_decay, verbatim (the authors' main_pretrain.py)."""
+    decay = []
+    no_decay = []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue  # frozen weights
+        if len(param.shape) == 1 or name.endswith(".bias") or name in skip_list:
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    return [
+        {'params': no_decay, 'weight_decay': 0.},
+        {'params': decay, 'weight_decay': weight_decay}]
+
+
+def test_weight_decay_groups_are_the_authors_by_default():
     model = models_mae.create_model(pretrain.DEMO_MODEL, img_size=32)
-    no_decay, decay = optim.param_group_names(model)
+    theirs = timm_032_add_weight_decay(model, 0.05)
+    ours = optim.param_groups(model, 0.05)
+    assert [[id(p) for p in g["params"]] for g in ours] == [[id(p) for p in g["params"]] for g in theirs]
+    assert [g["weight_decay"] for g in ours] == [0.0, 0.05]
+    assert parse("--demo").decay_tokens is True and parse("--no-decay-tokens").decay_tokens is False
+    no_decay_t, decay_t = optim.param_group_names(model)
+    assert "cls_token" in decay_t and "mask_token" in decay_t
+    no_decay, decay = optim.param_group_names(model, decay_tokens=False)
     assert "cls_token" in no_decay and "mask_token" in no_decay
     assert "blocks.0.norm1.weight" in no_decay and "blocks.0.attn.qkv.bias" in no_decay
     assert "patch_embed.proj.bias" in no_decay and "decoder_pred.bias" in no_decay
     assert "blocks.0.attn.qkv.weight" in decay and "patch_embed.proj.weight" in decay
     assert "pos_embed" not in no_decay + decay and "decoder_pos_embed" not in no_decay + decay
     assert all(p.ndim >= 2 for n, p in model.named_parameters() if n in decay)
-    no_decay_t, decay_t = optim.param_group_names(model, decay_tokens=True)
-    assert "cls_token" in decay_t and "mask_token" in decay_t
-    groups = optim.param_groups(model, 0.05)
-    assert [g["weight_decay"] for g in groups] == [0.0, 0.05]
 
 
 def test_batch_size_that_does_not_divide_is_a_clear_error(tmp_path, images):
@@ -143,13 +162,46 @@ def test_resume_from_another_model_is_a_clear_error(tmp_path, images):
         pretrain.train(args)
     args = parse(*TINY, "--data-path", images, "--output-dir", tmp_path, "--resume", tmp_path / "missing.pth")
     assert pretrain.main(args) == 2
-    # the authors' optimizer groups (tokens decayed) need --decay-tokens
-    opt = torch.optim.AdamW(optim.param_groups(mine, 0.05, decay_tokens=True))
+    # the authors' optimizer groups (tokens decayed) against a --no-decay-tokens run, and back
+    opt = torch.optim.AdamW(timm_032_add_weight_decay(mine, 0.05))
     torch.save({"model": mine.state_dict(), "optimizer": opt.state_dict(), "epoch": 0}, tmp_path / "authors.pth")
-    args = parse(*TINY, "--data-path", images, "--output-dir", tmp_path, "--epochs", 1,
+    args = parse(*TINY, "--data-path", images, "--output-dir", tmp_path, "--epochs", 1, "--no-decay-tokens",
                  "--resume", tmp_path / "authors.pth")
-    with pytest.raises(ValueError, match="add --decay-tokens"):
+    with pytest.raises(ValueError, match="drop --no-decay-tokens"):
         pretrain.train(args)
+    opt = torch.optim.AdamW(optim.param_groups(mine, 0.05, decay_tokens=False))
+    torch.save({"model": mine.state_dict(), "optimizer": opt.state_dict(), "epoch": 0}, tmp_path / "old.pth")
+    args = parse(*TINY, "--data-path", images, "--output-dir", tmp_path, "--epochs", 1, "--resume", tmp_path / "old.pth")
+    with pytest.raises(ValueError, match="add --no-decay-tokens"):
+        pretrain.train(args)
+
+
+def test_default_checkpoint_resumes_in_the_authors_load_model(tmp_path, images):
+    """Their util/misc.load_model, verbatim but for the names, on a default mae_fast checkpoint, with
+    their optimizer (AdamW over timm 0.3.2's add_weight_decay groups) and NativeScaler."""
+    pretrain.train(parse(*TINY, "--data-path", images, "--output-dir", tmp_path, "--epochs", 1, "--lr", 1e-3))
+    args = argparse.Namespace(resume=str(tmp_path / "checkpoint-0.pth"), start_epoch=0)
+    model_without_ddp = models_mae.create_model(pretrain.DEMO_MODEL, img_size=32)
+    optimizer = torch.optim.AdamW(timm_032_add_weight_decay(model_without_ddp, 0.05), lr=1e-3, betas=(0.9, 0.95))
+    loss_scaler = torch.amp.GradScaler("cpu", enabled=False)
+    # --- their load_model
+    checkpoint = torch.load(args.resume, map_location='cpu')
+    model_without_ddp.load_state_dict(checkpoint['model'])
+    if 'optimizer' in checkpoint and 'epoch' in checkpoint and not (hasattr(args, 'eval') and args.eval):
+        optimizer.load_state_dict(checkpoint['optimizer'])
+        args.start_epoch = checkpoint['epoch'] + 1
+        if 'scaler' in checkpoint:
+            loss_scaler.load_state_dict(checkpoint['scaler'])
+    # ---
+    assert args.start_epoch == 1
+    assert all(len(optimizer.state[p]) == 3 for g in optimizer.param_groups for p in g["params"])
+    token = model_without_ddp.cls_token
+    assert torch.equal(optimizer.state[token]["exp_avg"], checkpoint["optimizer"]["state"][
+        [i for i, p in enumerate(optimizer.param_groups[0]["params"] + optimizer.param_groups[1]["params"])
+         if p is token][0]]["exp_avg"])
+    loss, _, _ = model_without_ddp(torch.randn(2, 3, 32, 32))
+    loss.backward()
+    optimizer.step()  # their training goes on
 
 
 def test_non_finite_loss_stops_clearly(tmp_path, images, capsys):
