@@ -14,10 +14,12 @@ refused, naming it: such a pickle could run code.
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import logging
 import os
 import re
+import zipfile
 from dataclasses import dataclass, field
 from typing import Mapping
 
@@ -198,15 +200,52 @@ def training_checkpoint(model_state: Mapping, optimizer_state: dict, epoch: int,
             "args": plain_args(args, **extra_args)}
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read (truncated, corrupt) or written (disk full): one clear message."""
+
+
 def atomic_save(obj, path: str) -> None:
     """``torch.save`` to ``path.tmp`` in the same folder, fsync, then rename over ``path``: a crash
-    mid-write never leaves a truncated checkpoint under the real name."""
+    mid-write never leaves a truncated checkpoint under the real name. A failing write (disk full,
+    quota, I/O error) removes the ``.tmp`` and raises :class:`CheckpointError`; whatever was under
+    ``path`` and the older checkpoints beside it are untouched."""
     tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        folder = os.path.dirname(os.path.abspath(path))
+        intact = newest_intact_checkpoint(folder, exclude=path)
+        raise CheckpointError(
+            f"could not write checkpoint {path!r}: {err.strerror or err} (errno {err.errno}); "
+            + (f"the newest intact checkpoint is {intact!r} (resume with --resume auto)" if intact
+               else "there is no earlier intact checkpoint in that folder")) from err
+
+
+def checkpoint_is_intact(path: str) -> bool:
+    """Whether ``path`` is a complete torch zip archive: every member present and its CRC right
+    (``torch.save`` stores them uncompressed with CRCs). Reads the file, builds nothing."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+            return any(n.endswith("/data.pkl") or n == "data.pkl" for n in names) and z.testzip() is None
+    except (OSError, zipfile.BadZipFile, EOFError, ValueError, RuntimeError):
+        return False
+
+
+def newest_intact_checkpoint(output_dir: str, exclude: str | None = None) -> str | None:
+    """The newest ``checkpoint-<epoch>.pth`` in ``output_dir`` that is intact (other than ``exclude``)."""
+    for _, path in reversed(checkpoint_epochs(output_dir)):
+        if exclude is not None and os.path.abspath(path) == os.path.abspath(exclude):
+            continue
+        if checkpoint_is_intact(path):
+            return path
+    return None
 
 
 def checkpoint_epochs(output_dir: str) -> list[tuple[int, str]]:
@@ -228,13 +267,35 @@ def prune_checkpoints(output_dir: str, keep: int) -> None:
 
 def read_checkpoint(path: str) -> dict:
     """Read a training checkpoint with ``weights_only=True`` (the authors' pickled Namespace becomes
-    an inert placeholder)."""
+    an inert placeholder). A truncated or corrupt file is one :class:`CheckpointError` naming it and
+    the newest intact checkpoint beside it."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--resume: no checkpoint at {path!r}")
-    obj, _ = read_torch_file(path)
+    try:
+        obj, _ = read_torch_file(path)
+    except Exception as err:
+        if checkpoint_is_intact(path):
+            raise  # a whole file that we refuse (e.g. a pickle that could run code): its own message
+        intact = newest_intact_checkpoint(os.path.dirname(os.path.abspath(path)), exclude=path)
+        size = os.path.getsize(path)
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(
+            f"--resume: {path!r} is truncated or corrupt ({size} bytes; {reason}). "
+            + (f"The newest intact checkpoint beside it is {intact!r}: --resume {intact}, or --resume auto"
+               if intact else "There is no intact checkpoint beside it.")) from None
     if not isinstance(obj, dict) or "model" not in obj:
         raise ValueError(f"--resume: {path!r} is not a training checkpoint (no 'model' entry)")
     return obj
+
+
+def find_resume_checkpoint(output_dir: str, say=print) -> str | None:
+    """``--resume auto``: the newest checkpoint in ``output_dir`` that is intact; a broken newer one
+    (truncated by a crash outside our atomic write, a full disk, a bad copy) is named and passed over."""
+    for _, path in reversed(checkpoint_epochs(output_dir)):
+        if checkpoint_is_intact(path):
+            return path
+        say(f"--resume auto: passing over {path!r}: truncated or corrupt")
+    return None
 
 
 def checkpoint_args(ckpt: dict) -> dict:

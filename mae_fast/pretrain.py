@@ -32,8 +32,8 @@ import torch.distributed as dist
 
 from . import data as data_mod
 from . import models_mae, optim, reconstruct
-from .checkpoint import (atomic_save, check_same_groups, check_same_model, checkpoint_epochs, prune_checkpoints,
-                         read_checkpoint, training_checkpoint)
+from .checkpoint import (CheckpointError, atomic_save, check_same_groups, check_same_model, checkpoint_epochs,
+                         find_resume_checkpoint, prune_checkpoints, read_checkpoint, training_checkpoint)
 from .distributed import (DistInfo, all_reduce_mean, full_model_state, full_optimizer_state, grad_scaler,
                           init_distributed, load_model_state, load_optimizer_state, no_sync, unwrap,
                           wrap_distributed)
@@ -262,10 +262,9 @@ def resume(args, model, optimizer, loss_scaler: optim.LossScaler, groups, log: _
     model, the optimizer and the scaler; returns the epoch to start at."""
     path = args.resume
     if path == "auto":
-        found = checkpoint_epochs(args.output_dir)
-        path = found[-1][1] if found else None
+        path = find_resume_checkpoint(args.output_dir, say=log.print)
         if path is None:
-            log.print(f"--resume auto: no checkpoint in {args.output_dir}, starting afresh")
+            log.print(f"--resume auto: no intact checkpoint in {args.output_dir}, starting afresh")
     if not path:
         return 0
     ckpt = read_checkpoint(path)
@@ -406,6 +405,9 @@ def main(args: argparse.Namespace) -> int:
         summary = train(args)
     except NonFiniteLossError as err:
         print(f"mae-fast pretrain: stopped: {err}", file=sys.stderr)
+        return 1
+    except CheckpointError as err:
+        print(f"mae-fast pretrain: error: {err}", file=sys.stderr)
         return 1
     except (ValueError, FileNotFoundError, NotADirectoryError) as err:
         print(f"mae-fast pretrain: error: {err}", file=sys.stderr)
