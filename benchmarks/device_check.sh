@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # The one GPU entry point (../shared/DEVICE.md): in one run, under 8 minutes on an H100/H200,
 #   1. the card and versions;  2. build the extension (timed);  3. the whole test suite;
-#   4. the benchmarks (ops, attention, model: ViT-B and ViT-L bf16);  5. compute-sanitizer memcheck;
-#   6. a short table last.
+#   4. the benchmarks (ops, attention, model: ViT-B and ViT-L bf16 with the CUDA-graph row, ViT-L's
+#      kernels by kind, the decoder ablation, the compiled rows);  5. compute-sanitizer memcheck;
+#   6. a short table last. Each step writes its JSON as it ends; at the end the JSONs are merged
+#      into results.json and packed into suites.tar.gz, so that at most 8 files come back (log,
+#      results.json, summary.md, suites.tar.gz).
 # On a machine without CUDA it runs the same steps with the GPU parts skipped (CI runs it so).
 #
 # usage: benchmarks/device_check.sh [OUTDIR]     (or DEVICE_CHECK_OUT=...; default benchmarks/results/latest)
@@ -65,14 +68,17 @@ fi
 step bench_ops 120 $PY benchmarks/bench_ops.py --kernels --json "$OUTDIR/bench_ops.json"
 step bench_attention 100 $PY benchmarks/bench_attention.py --json "$OUTDIR/bench_attention.json"
 if [ "$HAS_CUDA" = 1 ]; then
-  step model_vit_l 120 $PY -m mae_fast.cli bench --model mae_vit_large_patch16 --batch-size 256 \
-    --variants torch,auto,encoder_mask_tokens,hf_sdpa --json "$OUTDIR/bench_model_vit_l.json"
-  step model_vit_b 100 $PY -m mae_fast.cli bench --model mae_vit_base_patch16 --batch-size 256 \
-    --variants torch,auto,encoder_mask_tokens,hf_eager,hf_sdpa --json "$OUTDIR/bench_model_vit_b.json"
+  step model_vit_l 150 $PY -m mae_fast.cli bench --model mae_vit_large_patch16 --batch-size 256 \
+    --variants torch,auto,auto+graphs,encoder_mask_tokens,hf_sdpa --json "$OUTDIR/bench_model_vit_l.json"
+  step model_vit_b 120 $PY -m mae_fast.cli bench --model mae_vit_base_patch16 --batch-size 256 \
+    --variants torch,auto,auto+graphs,encoder_mask_tokens,hf_eager,hf_sdpa --json "$OUTDIR/bench_model_vit_b.json"
   step profile_vit_l 60 $PY -m mae_fast.cli profile --model mae_vit_large_patch16 --batch-size 256
+  step kernels_vit_l 90 $PY -m mae_fast.cli profile --kernels --model mae_vit_large_patch16 --batch-size 256 \
+    --json "$OUTDIR/bench_kernels_vit_l.json"
 else
   step model_tiny 240 $PY -m mae_fast.cli bench --img-size 64 --batch-size 2 --warmup 0 --repeats 1 \
-    --variants torch,auto,encoder_mask_tokens --json "$OUTDIR/bench_model_tiny.json"
+    --variants torch,auto,auto+graphs,encoder_mask_tokens --json "$OUTDIR/bench_model_tiny.json"
+  STATUS[kernels_vit_l]="skipped (profile --kernels needs CUDA)"
 fi
 
 # 5. memory checking of our kernels on small shapes
@@ -82,10 +88,23 @@ else
   STATUS[memcheck]="skipped (no CUDA or no compute-sanitizer here)"
 fi
 
-# torch.compile's first call takes a minute or more: its own step, after the essentials
+# the paper's decoder depth / width sweeps in wall-clock: a small batch, 1 warm-up and 3 timed steps per point
 if [ "$HAS_CUDA" = 1 ]; then
-  step compile_vit_b 150 $PY -m mae_fast.cli bench --model mae_vit_base_patch16 --batch-size 256 \
-    --variants torch,auto,auto+compile --json "$OUTDIR/bench_model_vit_b_compile.json"
+  step ablation_vit_l 150 $PY -m mae_fast.cli bench --model mae_vit_large_patch16 --batch-size 64 --warmup 1 \
+    --repeats 2 --variants auto --ablate-decoder --json "$OUTDIR/bench_ablation_vit_l.json"
+else
+  step ablation_tiny 120 $PY -m mae_fast.cli bench --model mae_vit_demo_patch8 --img-size 32 --batch-size 1 \
+    --warmup 0 --repeats 1 --variants auto --ablate-decoder --decoder-depths 1,2 --decoder-widths 32 \
+    --json "$OUTDIR/bench_ablation_tiny.json"
+fi
+
+# compiling takes seconds (regional) to a minute or more (whole model): its own steps, after the essentials,
+# the regional compile first (a timeout loses one step, not both)
+if [ "$HAS_CUDA" = 1 ]; then
+  step regional_vit_b 120 $PY -m mae_fast.cli bench --model mae_vit_base_patch16 --batch-size 256 \
+    --variants auto,auto+regional --json "$OUTDIR/bench_model_vit_b_regional.json"
+  step compile_vit_b 180 $PY -m mae_fast.cli bench --model mae_vit_base_patch16 --batch-size 256 \
+    --variants auto+compile,hf_sdpa+compile --json "$OUTDIR/bench_model_vit_b_compile.json"
 fi
 
 # 3b. the rest of the suite (CI runs it on every change; here it checks the GPU machine's versions)
@@ -95,11 +114,15 @@ else
   step tests_rest 240 $PYTEST -m "not gpu"
 fi
 
-# 6. the table
+# 6. the table; then the per-suite JSONs (all merged into results.json) go into one archive
 $PY benchmarks/summarize_results.py "$OUTDIR" | tee -a "$LOG" "$OUTDIR/summary.md"
+if [ -s "$OUTDIR/results.json" ] && ls "$OUTDIR"/bench_*.json >/dev/null 2>&1; then
+  (cd "$OUTDIR" && tar czf suites.tar.gz bench_*.json && rm -f bench_*.json)
+fi
 say ""
 say "step status:"
-for k in info build ext_load tests_gpu bench_ops bench_attention model_vit_l model_vit_b profile_vit_l model_tiny memcheck compile_vit_b tests_rest; do
+for k in info build ext_load tests_gpu bench_ops bench_attention model_vit_l model_vit_b profile_vit_l kernels_vit_l \
+         model_tiny memcheck ablation_vit_l ablation_tiny regional_vit_b compile_vit_b tests_rest; do
   [ -n "${STATUS[$k]:-}" ] && say "  $(printf '%-16s' "$k") ${STATUS[$k]}"
 done
 FAILED=0

@@ -36,6 +36,19 @@ def _model_lines(name: str, data: dict) -> list[str]:
         lines.append(f"| {r['variant']} | {r['images_per_s']:.1f} | {f(r['speedup_vs_torch'], '.2f')}x | "
                      f"{f(r['speedup_vs_hf'], '.2f')}x | {f(r['mfu'] and 100 * r['mfu'], '.1f')}% | "
                      f"{f(r['peak_mem_gb'], '.1f')} |")
+    compiled = [f"{r['variant']} {r['compile_s']:.1f} s" for r in data["rows"] if r.get("compile_s") is not None]
+    if compiled:
+        lines.append(f"\ncompile / capture time: {', '.join(compiled)}")
+    lines += [f"\nWARNING {w}" for w in data.get("warnings", [])]
+    ablation = data.get("decoder_ablation")
+    if ablation:
+        lines += ["", f"decoder ablation (batch {ablation['batch_size']}): point | step ms (min-max) | "
+                      "decoder share of time | of FLOPs"]
+        for sweep in ("depth", "width"):
+            for p in ablation[sweep]:
+                lines.append(f"- {sweep} {p['decoder_depth']}x{p['decoder_width']}: {p['step_ms_median']:.1f} "
+                             f"({p['step_ms_min']:.1f}-{p['step_ms_max']:.1f}) | {100 * p['decoder_time_share']:.1f}% "
+                             f"| {100 * p['decoder_flops_share']:.1f}%")
     if data.get("mask_token_speedup"):
         fl = data["flops"]
         ratio = fl["with_mask_tokens"]["total_gflops"] / fl["without_mask_tokens"]["total_gflops"]

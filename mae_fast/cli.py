@@ -9,7 +9,7 @@ import sys
 
 import torch
 
-from . import bench, flops, models_mae
+from . import bench, flops, models_mae, profile
 
 
 def _default_device() -> str:
@@ -25,33 +25,61 @@ def cmd_bench(args) -> int:
         mask_ratio=args.mask_ratio, dtype=args.dtype or ("bf16" if on_gpu else "fp32"), device=device,
         warmup=args.warmup if args.warmup is not None else (5 if on_gpu else 3),
         repeats=args.repeats or (20 if on_gpu else 8),
-        variants=tuple(args.variants.split(",")) if args.variants else bench.VARIANTS,
-        compile_on_cpu=args.compile_on_cpu)
-    result = bench.run(cfg, progress=lambda name: print(f"  measuring {name} ...", file=sys.stderr, flush=True))
+        variants=tuple(v for v in args.variants.split(",") if v) if args.variants is not None else bench.VARIANTS,
+        compile_on_cpu=args.compile_on_cpu, compile_backend=args.compile_backend)
+    sweeps = {"depths": _ints(args.decoder_depths, "--decoder-depths"),  # checked before anything runs
+              "widths": _ints(args.decoder_widths, "--decoder-widths")}
+    progress = lambda name: print(f"  measuring {name} ...", file=sys.stderr, flush=True)  # noqa: E731
+    result = bench.run(cfg, progress=progress)
+    print(bench.format_table(result))
+    ablation = _decoder_ablation(cfg, progress, **sweeps) if args.ablate_decoder else None
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(result.to_dict(), f, indent=2)
-    print(bench.format_table(result))
+            json.dump({**result.to_dict(), **({"decoder_ablation": ablation} if ablation else {})}, f, indent=2)
     if args.report:
-        _write_report(args, cfg, result)
+        _write_report(args, cfg, result, ablation)
     return 0
 
 
-def _write_report(args, cfg, result) -> None:
-    from . import profile, report
+def _ints(text: str, option: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"{option} takes comma-separated integers, got {text!r}") from None
+
+
+def _decoder_ablation(cfg, progress, depths, widths) -> dict:
+    point = bench._sweep_point(cfg)  # a sweep's points: fewer timed steps than the table's rows
+    ablation = profile.decoder_ablation(
+        cfg.model, img_size=cfg.img_size, batch_size=cfg.batch_size, mask_ratio=cfg.mask_ratio, device=cfg.device,
+        dtype=None if cfg.dtype == "fp32" else bench.DTYPES[cfg.dtype], warmup=point["warmup"],
+        repeats=point["repeats"], depths=depths, widths=widths, progress=progress)
+    print("\n" + profile.format_ablation(ablation))
+    return ablation
+
+
+def _write_report(args, cfg, result, ablation=None) -> None:
+    from . import report
 
     print(f"\nsweeps and stage profile for the report in {args.report} ...", file=sys.stderr, flush=True)
     ratios = [float(r) for r in args.mask_ratios.split(",")] if args.mask_ratios else []
-    sizes = [int(b) for b in args.batch_sizes.split(",")] if args.batch_sizes else []
+    sizes = _ints(args.batch_sizes, "--batch-sizes") if args.batch_sizes else []
     mask_sweep = bench.sweep_mask_ratio(cfg, ratios) if ratios else None
     batch_sweep = bench.sweep_batch_size(cfg, sizes) if sizes else None
+    for warning in bench.sweep_warnings(mask_sweep, batch_sweep):
+        print(f"WARNING {warning}")
     torch.manual_seed(0)
     model = models_mae.create_model(cfg.model, img_size=cfg.img_size, backend="auto").to(cfg.device)
     imgs = torch.randn(cfg.batch_size, model.in_chans, *model.patch_embed.img_size, device=cfg.device)
-    stages = profile.profile(model, imgs, cfg.mask_ratio, warmup=cfg.warmup, repeats=cfg.repeats,
-                             dtype=None if cfg.dtype == "fp32" else bench.DTYPES[cfg.dtype])
+    dtype = None if cfg.dtype == "fp32" else bench.DTYPES[cfg.dtype]
+    stages = profile.profile(model, imgs, cfg.mask_ratio, warmup=cfg.warmup, repeats=cfg.repeats, dtype=dtype)
     print(profile.format_profile(stages, "\nwhere the time goes (backend auto):"))
-    paths = report.write_report(args.report, result, stages=stages, mask_sweep=mask_sweep, batch_sweep=batch_sweep)
+    kernels = None
+    if imgs.is_cuda:
+        kernels = profile.kernel_profile(model, imgs, cfg.mask_ratio, warmup=min(cfg.warmup, 2), dtype=dtype)
+        print("\n" + profile.format_kernel_profile(kernels, "where the GPU time goes, per kernel kind (backend auto):"))
+    paths = report.write_report(args.report, result, stages=stages, mask_sweep=mask_sweep, batch_sweep=batch_sweep,
+                                kernels=kernels, ablation=ablation)
     print("\nwrote " + ", ".join(paths))
 
 
@@ -91,8 +119,6 @@ def cmd_flops(args) -> int:
 
 
 def cmd_profile(args) -> int:
-    from . import profile
-
     device = torch.device(args.device or _default_device())
     on_gpu = device.type == "cuda"
     name = args.model or ("mae_vit_large_patch16" if on_gpu else "mae_vit_tiny_patch16")
@@ -100,19 +126,32 @@ def cmd_profile(args) -> int:
     dtype = bench.DTYPES[args.dtype or ("bf16" if on_gpu else "fp32")]
     if dtype != torch.float32 and not on_gpu:
         raise ValueError(f"--dtype {args.dtype} (autocast) is for CUDA; use fp32 on {device}")
+    if args.kernels and not on_gpu:
+        raise ValueError(f"--kernels needs CUDA: it groups the GPU time of the step's kernels (torch.profiler's "
+                         f"CUDA activity), and this run is on {device}; without --kernels the stage profile runs here")
     torch.manual_seed(0)
     model = models_mae.create_model(name, img_size=args.img_size, backend=args.backend,
                                     encoder_mask_tokens=args.encoder_mask_tokens).to(device)
     imgs = torch.randn(batch, model.in_chans, *model.patch_embed.img_size, device=device)
-    rows = profile.profile(model, imgs, args.mask_ratio, warmup=args.warmup, repeats=args.repeats,
-                           dtype=None if dtype == torch.float32 else dtype, trace=args.trace)
-    if args.json:
-        print(json.dumps(profile.rows_to_dicts(rows), indent=2))
+    autocast_dtype = None if dtype == torch.float32 else dtype
+    title = (f"mae-fast profile{' --kernels' if args.kernels else ''}: {name}, batch {batch}, mask ratio "
+             f"{args.mask_ratio}, {args.dtype or ('bf16' if on_gpu else 'fp32')}, backend {args.backend}"
+             f"{', encoder mask tokens' if args.encoder_mask_tokens else ''}, on {device}")
+    if args.kernels:
+        result = profile.kernel_profile(model, imgs, args.mask_ratio, warmup=args.warmup, dtype=autocast_dtype)
+        data, text = result, profile.format_kernel_profile(result, f"{title}; one step after {args.warmup} warm-up")
+    else:
+        rows = profile.profile(model, imgs, args.mask_ratio, warmup=args.warmup, repeats=args.repeats,
+                               dtype=autocast_dtype, trace=args.trace)
+        data, text = profile.rows_to_dicts(rows), profile.format_profile(rows, f"{title}; median of {args.repeats}")
+    if args.json == "-":
+        print(json.dumps(data, indent=2))
         return 0
-    title = (f"mae-fast profile: {name}, batch {batch}, mask ratio {args.mask_ratio}, backend {args.backend}"
-             f"{', encoder mask tokens' if args.encoder_mask_tokens else ''}, on {device}; median of {args.repeats}")
-    print(profile.format_profile(rows, title))
-    if args.trace:
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"model": name, "rows": data} if isinstance(data, list) else {"model": name, **data}, f, indent=2)
+    print(text)
+    if args.trace and not args.kernels:
         print(f"chrome trace written to {args.trace}")
     return 0
 
@@ -139,13 +178,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="default: cuda if available, else cpu")
     p.add_argument("--warmup", type=int)
     p.add_argument("--repeats", type=int)
-    p.add_argument("--variants", help=f"comma-separated subset of {','.join(bench.VARIANTS)}")
-    p.add_argument("--compile-on-cpu", action="store_true", help="also time torch.compile on a CPU (slow)")
+    p.add_argument("--variants", help=f"comma-separated subset of {','.join(bench.VARIANTS)} "
+                   "(default: all; auto+regional = compile_blocks, auto+graphs = whole step in a CUDA graph)")
+    p.add_argument("--compile-on-cpu", action="store_true", help="also time the compiled rows on a CPU (slow)")
+    p.add_argument("--compile-backend", default="inductor",
+                   help="torch.compile backend of the compiled rows (default inductor; eager traces only)")
     p.add_argument("--json", metavar="FILE", help="also write the full result as JSON")
-    p.add_argument("--report", metavar="DIR", help="also profile stages, run the sweeps, and write "
-                   "result.json, report.md and PNG plots into DIR")
+    p.add_argument("--report", metavar="DIR", help="also profile stages (and, on CUDA, kernels), run the sweeps, "
+                   "and write result.json, report.md and PNG plots into DIR")
     p.add_argument("--mask-ratios", default="0.5,0.75,0.9", help="sweep for --report (empty: none)")
     p.add_argument("--batch-sizes", default="", help="sweep for --report, e.g. 8,16,32 (default: none)")
+    p.add_argument("--ablate-decoder", action="store_true",
+                   help="also run the paper's decoder depth and width sweeps (step time, decoder share of time "
+                   "beside its share of FLOPs), at --batch-size; into --json and --report")
+    p.add_argument("--decoder-depths", default=",".join(map(str, profile.DECODER_DEPTHS)),
+                   help="depth sweep of --ablate-decoder, at the model's decoder width")
+    p.add_argument("--decoder-widths", default=",".join(map(str, profile.DECODER_WIDTHS)),
+                   help="width sweep of --ablate-decoder, at the model's decoder depth (multiples of its heads)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("flops", help="analytic FLOPs: encoder vs decoder, with and without mask tokens")
@@ -166,7 +215,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--trace", metavar="FILE", help="also export a torch.profiler chrome trace")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--kernels", action="store_true", help="CUDA only: the GPU time of one step's kernels by kind "
+                   "(GEMM, attention, norm, elementwise, optimizer, copy/other) for the encoder and the decoder, "
+                   "each beside its floor")
+    p.add_argument("--json", nargs="?", const="-", metavar="FILE",
+                   help="print the result as JSON instead of the table; with FILE, write it there and print the table")
     p.set_defaults(func=cmd_profile)
 
     from . import pretrain, reconstruct

@@ -43,9 +43,14 @@ class ModelDims:
                    mlp_ratio=model.blocks[0].mlp.fc1.out_features / model.cls_token.shape[-1])
 
 
+def attention_core_macs(tokens: int, dim: int) -> int:
+    """``q k^T`` and ``attn v`` of one block (all heads): the products inside the attention kernel."""
+    return 2 * tokens * tokens * dim
+
+
 def attention_macs(tokens: int, dim: int) -> int:
     """qkv projection, ``q k^T``, ``attn v`` and the output projection, for one block."""
-    return tokens * 3 * dim * dim + 2 * tokens * tokens * dim + tokens * dim * dim
+    return tokens * 3 * dim * dim + attention_core_macs(tokens, dim) + tokens * dim * dim
 
 
 def mlp_macs(tokens: int, dim: int, mlp_ratio: float) -> int:
@@ -71,6 +76,21 @@ def stage_macs(dims: ModelDims, mask_ratio: float = 0.75, *, encoder_mask_tokens
         "decoder_mlp": dims.decoder_depth * mlp_macs(dec_tokens, d, dims.mlp_ratio),
         "decoder_pred": dec_tokens * d * pix,  # the reference predicts the cls row too, then drops it
     }
+
+
+def kind_macs(dims: ModelDims, mask_ratio: float = 0.75, *, encoder_mask_tokens: bool = False,
+              visible_patch_embed: bool = False) -> dict[str, dict[str, int]]:
+    """:func:`stage_macs` regrouped by who runs them: ``{"encoder" | "decoder": {"gemm": the
+    Linear / conv layers, "attention": the products inside the attention kernel}}``."""
+    macs = stage_macs(dims, mask_ratio, encoder_mask_tokens=encoder_mask_tokens,
+                      visible_patch_embed=visible_patch_embed)
+    L = dims.num_patches
+    enc_tokens = 1 + (L if encoder_mask_tokens else int(L * (1 - mask_ratio)))
+    core = {"encoder": dims.depth * attention_core_macs(enc_tokens, dims.embed_dim),
+            "decoder": dims.decoder_depth * attention_core_macs(1 + L, dims.decoder_embed_dim)}
+    enc = sum(macs[k] for k in ENCODER_STAGES)
+    total = {"encoder": enc, "decoder": sum(macs.values()) - enc}
+    return {part: {"gemm": total[part] - core[part], "attention": core[part]} for part in ("encoder", "decoder")}
 
 
 @dataclass(frozen=True)
