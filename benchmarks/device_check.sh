@@ -88,23 +88,20 @@ else
   STATUS[memcheck]="skipped (no CUDA or no compute-sanitizer here)"
 fi
 
-# the paper's decoder depth / width sweeps in wall-clock: a small batch, 1 warm-up and 3 timed steps per point
+# the regional compile (seconds: one graph per block shape), then the decoder depth / width sweeps in
+# wall-clock (a small batch, 1 warm-up and 3 timed steps per point), then the whole-model compiles (a
+# minute or more each): most telling and cheapest first, each its own step (a timeout loses only itself)
 if [ "$HAS_CUDA" = 1 ]; then
+  step regional_vit_b 120 $PY -m mae_fast.cli bench --model mae_vit_base_patch16 --batch-size 256 \
+    --variants auto,auto+regional --json "$OUTDIR/bench_model_vit_b_regional.json"
   step ablation_vit_l 150 $PY -m mae_fast.cli bench --model mae_vit_large_patch16 --batch-size 64 --warmup 1 \
     --repeats 2 --variants auto --ablate-decoder --json "$OUTDIR/bench_ablation_vit_l.json"
+  step compile_vit_b 180 $PY -m mae_fast.cli bench --model mae_vit_base_patch16 --batch-size 256 \
+    --variants auto+compile,hf_sdpa+compile --json "$OUTDIR/bench_model_vit_b_compile.json"
 else
   step ablation_tiny 120 $PY -m mae_fast.cli bench --model mae_vit_demo_patch8 --img-size 32 --batch-size 1 \
     --warmup 0 --repeats 1 --variants auto --ablate-decoder --decoder-depths 1,2 --decoder-widths 32 \
     --json "$OUTDIR/bench_ablation_tiny.json"
-fi
-
-# compiling takes seconds (regional) to a minute or more (whole model): its own steps, after the essentials,
-# the regional compile first (a timeout loses one step, not both)
-if [ "$HAS_CUDA" = 1 ]; then
-  step regional_vit_b 120 $PY -m mae_fast.cli bench --model mae_vit_base_patch16 --batch-size 256 \
-    --variants auto,auto+regional --json "$OUTDIR/bench_model_vit_b_regional.json"
-  step compile_vit_b 180 $PY -m mae_fast.cli bench --model mae_vit_base_patch16 --batch-size 256 \
-    --variants auto+compile,hf_sdpa+compile --json "$OUTDIR/bench_model_vit_b_compile.json"
 fi
 
 # 3b. the rest of the suite (CI runs it on every change; here it checks the GPU machine's versions)
@@ -122,7 +119,7 @@ fi
 say ""
 say "step status:"
 for k in info build ext_load tests_gpu bench_ops bench_attention model_vit_l model_vit_b profile_vit_l kernels_vit_l \
-         model_tiny memcheck ablation_vit_l ablation_tiny regional_vit_b compile_vit_b tests_rest; do
+         model_tiny memcheck regional_vit_b ablation_vit_l ablation_tiny compile_vit_b tests_rest; do
   [ -n "${STATUS[$k]:-}" ] && say "  $(printf '%-16s' "$k") ${STATUS[$k]}"
 done
 FAILED=0
