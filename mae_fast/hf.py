@@ -151,3 +151,115 @@ def load_hf_folder(path: str | os.PathLike, **model_kwargs):
     state = from_hf(load_file(os.path.join(path, "model.safetensors")))
     model.load_state_dict(state, strict=True)
     return model
+
+
+# ---------------------------------------------------------------------------- our kernels inside HF models
+# Liger-style: the HF model keeps its modules, parameters and state_dict; each transformer layer's
+# forward is replaced in place by one that runs mae_fast's ops on the layer's own parameters.
+LAYER_CLASSES = ("ViTLayer", "ViTMAELayer")
+_LAYER_PARTS = {  # (q, k, v, o, fc1, fc2) by naming: transformers 5.x, 4.x
+    "v5": ("attention.q_proj", "attention.k_proj", "attention.v_proj", "attention.o_proj", "mlp.fc1", "mlp.fc2"),
+    "v4": ("attention.attention.query", "attention.attention.key", "attention.attention.value",
+           "attention.output.dense", "intermediate.dense", "output.dense"),
+}
+
+
+def apply_to_vit(model, backend: str | None = None):
+    """Swap mae_fast's attention and fused block ops into a HuggingFace ``ViTModel``,
+    ``ViTForImageClassification``, ``ViTMAEModel`` or ``ViTMAEForPreTraining`` (any module holding
+    ``ViTLayer`` / ``ViTMAELayer`` layers), in place; returns the model.
+
+    Each layer then runs: ``layer_norm`` of ``layernorm_before``; one packed qkv GEMM (HF's q, k, v
+    weights concatenated each call, so gradients still reach HF's own parameters); our attention;
+    the output projection without its bias; ``add_layer_norm`` (the residual add, that bias and
+    ``layernorm_after`` in one op, cast for fc1 under autocast); ``bias_gelu`` on fc1; fc2 and the
+    residual. Outputs equal HF's own within the dtype's tolerance. A call the fused layer does not
+    cover (an attention mask, ``output_attentions``, dropout in training, an activation other
+    than exact GELU) runs HF's original forward. ``backend`` as in :mod:`mae_fast.models_mae`
+    (None: ``use_backend`` / ``MAE_FAST_BACKEND`` / auto). For a Trainer::
+
+        from mae_fast.hf import apply_to_vit
+        model = ViTForImageClassification.from_pretrained("google/vit-base-patch16-224")
+        apply_to_vit(model)      # then Trainer(model=model, ...) as before
+    """
+    from .ops._backend import check_backend_name
+
+    if backend is not None:
+        check_backend_name(backend)
+    n = 0
+    for module in model.modules():
+        if type(module).__name__ in LAYER_CLASSES and not hasattr(module, "_mae_fast_original_forward"):
+            parts = _layer_parts(module)
+            if parts is None:
+                continue
+            module._mae_fast_parts, module._mae_fast_backend = parts, backend
+            module._mae_fast_head_dim = _head_dim(module)
+            module._mae_fast_original_forward = module.forward
+            module.forward = _fused_layer_forward.__get__(module)
+            n += 1
+    if n == 0:
+        raise ValueError(f"no ViTLayer / ViTMAELayer in {type(model).__name__}: nothing to apply mae_fast to")
+    return model
+
+
+apply_to_vit_mae = apply_to_vit  # the same layers
+
+
+def _get(module, path: str):
+    for name in path.split("."):
+        module = getattr(module, name, None)
+        if module is None:
+            return None
+    return module
+
+
+def _layer_parts(layer):
+    import torch.nn as nn
+
+    for names in _LAYER_PARTS.values():
+        mods = [_get(layer, p) for p in names]
+        if all(isinstance(m, nn.Linear) for m in mods):
+            act = _get(layer, "mlp.activation_fn") or _get(layer, "intermediate.intermediate_act_fn")
+            exact_gelu = type(act).__name__ == "GELUActivation" or (isinstance(act, nn.GELU) and act.approximate == "none")
+            return tuple(mods) if exact_gelu else None
+    return None
+
+
+def _fused_layer_forward(self, hidden_states, attention_mask=None, *args, **kwargs):
+    import torch.nn.functional as F
+
+    from . import ops
+    from .ops._backend import autocast_dtype
+
+    dropout = getattr(self, "dropout", None)
+    if (attention_mask is not None or args or kwargs.get("output_attentions") or kwargs.get("head_mask") is not None
+            or (self.training and ((dropout is not None and dropout.p > 0)
+                                   or getattr(self.attention, "attention_dropout", 0) > 0))):
+        return self._mae_fast_original_forward(hidden_states, attention_mask, *args, **kwargs)
+    q, k, v, o, fc1, fc2 = self._mae_fast_parts
+    backend, ln1, ln2 = self._mae_fast_backend, self.layernorm_before, self.layernorm_after
+    x = hidden_states
+    B, N, C = x.shape
+    cast = autocast_dtype(x.device)
+    h = ops.layer_norm(x, ln1.weight, ln1.bias, ln1.eps, out_dtype=cast, backend=backend)
+    w = torch.cat((q.weight, k.weight, v.weight))
+    b = torch.cat((q.bias, k.bias, v.bias)) if q.bias is not None else None
+    heads = ops.attention(F.linear(h, w, b).view(B, N, 3, -1, self._mae_fast_head_dim), backend=backend)
+    x, normed = ops.add_layer_norm(x, F.linear(heads, o.weight), ln2.weight, ln2.bias, ln2.eps, bias=o.bias,
+                                   out_dtype=cast, backend=backend)
+    m = ops.bias_gelu(F.linear(normed, fc1.weight), fc1.bias, backend=backend)
+    out = x + F.linear(m, fc2.weight, fc2.bias)
+    return out if _returns_tensor() else (out,)
+
+
+def _head_dim(layer) -> int:
+    att = layer.attention
+    inner = att if hasattr(att, "head_dim") else getattr(att, "attention", att)
+    return getattr(inner, "head_dim", None) or inner.attention_head_size
+
+
+def _returns_tensor() -> bool:
+    """transformers 5.x layers return a tensor; 4.x a tuple (output, attentions...)."""
+    import transformers
+
+    return int(transformers.__version__.split(".")[0]) >= 5
