@@ -3,23 +3,27 @@
 #   1. the card and versions;  2. build the extension (timed);  3. the whole test suite;
 #   4. the benchmarks (ops, attention, model: ViT-B and ViT-L bf16 with the CUDA-graph row, ViT-L's
 #      kernels by kind, the decoder ablation, the compiled rows);  5. compute-sanitizer memcheck;
-#   6. a short table last. Each step writes its JSON as it ends; at the end the JSONs are merged
-#      into results.json and packed into suites.tar.gz, so that at most 8 files come back (log,
-#      results.json, summary.md, suites.tar.gz).
+#   6. a short table last. Each step writes its JSON as it ends into a scratch folder, and
+#      suites.tar.gz in OUTDIR is re-packed after every step: a run cut short keeps every step that
+#      ended, and OUTDIR never holds more than 4 files (the 8-file rule: log, suites.tar.gz, and at
+#      the end results.json, all suites merged, and summary.md).
 # On a machine without CUDA it runs the same steps with the GPU parts skipped (CI runs it so).
 #
 # usage: benchmarks/device_check.sh [OUTDIR]     (or DEVICE_CHECK_OUT=...; default benchmarks/results/latest)
 # env:   PY (python, default python3)   DEVICE_CHECK_SKIP_TESTS=1 (skip step 3; CI sets it: it runs them)
 #        DEVICE_CHECK_SKIP_BUILD=1 (skip the install in step 2: the package is already installed)
 #        DEVICE_CHECK_BUDGET_S (default 470): no step runs past it; the most telling steps run first
-#        MAE_FAST_CUDA_ARCHS (e.g. 90a): build the kernels for that arch alone (a quicker build)
+#        MAE_FAST_CUDA_ARCHS (default 90a where CUDA is: the H100/H200 arch alone, a quicker build)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUTDIR=${1:-${DEVICE_CHECK_OUT:-benchmarks/results/latest}}
 PY=${PY:-python3}
 mkdir -p "$OUTDIR"
+rm -f "$OUTDIR"/bench_*.json "$OUTDIR/suites.tar.gz"
 LOG="$OUTDIR/device_check.log"
 : > "$LOG"
+SUITES=$(mktemp -d)  # the per-step JSONs; packed into OUTDIR/suites.tar.gz after each step
+trap 'rm -rf "$SUITES"' EXIT
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16}
 declare -A STATUS
 
@@ -38,9 +42,11 @@ step() {  # step NAME TIMEOUT_S CMD... : run, log, record ok/FAILED/TIMEOUT and 
   case $rc in 0) STATUS[$name]="ok (${took}s)";; 124) STATUS[$name]="TIMEOUT after ${limit}s";;
               *) STATUS[$name]="FAILED rc=$rc (${took}s)";; esac
   say "--- $name: ${STATUS[$name]}"
+  if ls "$SUITES"/bench_*.json >/dev/null 2>&1; then tar czf "$OUTDIR/suites.tar.gz" -C "$SUITES" .; fi
 }
 
 HAS_CUDA=$($PY -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null || echo 0)
+[ "$HAS_CUDA" = 1 ] && export MAE_FAST_CUDA_ARCHS=${MAE_FAST_CUDA_ARCHS:-90a}
 
 # 1. the machine
 step info 60 bash -c "nvidia-smi -L 2>/dev/null || echo 'no nvidia-smi: CPU machine'; \
@@ -64,20 +70,22 @@ elif [ "$HAS_CUDA" = 1 ]; then
   step tests_gpu 200 $PYTEST -m gpu
 fi
 
-# 4. benchmarks: JSON per suite, merged into results.json below
-step bench_ops 120 $PY benchmarks/bench_ops.py --kernels --json "$OUTDIR/bench_ops.json"
-step bench_attention 100 $PY benchmarks/bench_attention.py --json "$OUTDIR/bench_attention.json"
+# 4. benchmarks: JSON per suite, merged into results.json below; the headline figure first
 if [ "$HAS_CUDA" = 1 ]; then
   step model_vit_l 150 $PY -m mae_fast.cli bench --model mae_vit_large_patch16 --batch-size 256 \
-    --variants torch,auto,auto+graphs,encoder_mask_tokens,hf_sdpa --json "$OUTDIR/bench_model_vit_l.json"
-  step model_vit_b 120 $PY -m mae_fast.cli bench --model mae_vit_base_patch16 --batch-size 256 \
-    --variants torch,auto,auto+graphs,encoder_mask_tokens,hf_eager,hf_sdpa --json "$OUTDIR/bench_model_vit_b.json"
-  step profile_vit_l 60 $PY -m mae_fast.cli profile --model mae_vit_large_patch16 --batch-size 256
+    --variants torch,auto,auto+graphs,encoder_mask_tokens,hf_sdpa --json "$SUITES/bench_model_vit_l.json"
+fi
+step bench_ops 120 $PY benchmarks/bench_ops.py --kernels --json "$SUITES/bench_ops.json"
+step bench_attention 100 $PY benchmarks/bench_attention.py --json "$SUITES/bench_attention.json"
+if [ "$HAS_CUDA" = 1 ]; then
   step kernels_vit_l 90 $PY -m mae_fast.cli profile --kernels --model mae_vit_large_patch16 --batch-size 256 \
-    --json "$OUTDIR/bench_kernels_vit_l.json"
+    --json "$SUITES/bench_kernels_vit_l.json"
+  step model_vit_b 120 $PY -m mae_fast.cli bench --model mae_vit_base_patch16 --batch-size 256 \
+    --variants torch,auto,auto+graphs,encoder_mask_tokens,hf_eager,hf_sdpa --json "$SUITES/bench_model_vit_b.json"
+  step profile_vit_l 60 $PY -m mae_fast.cli profile --model mae_vit_large_patch16 --batch-size 256
 else
   step model_tiny 240 $PY -m mae_fast.cli bench --img-size 64 --batch-size 2 --warmup 0 --repeats 1 \
-    --variants torch,auto,auto+graphs,encoder_mask_tokens --json "$OUTDIR/bench_model_tiny.json"
+    --variants torch,auto,auto+graphs,encoder_mask_tokens --json "$SUITES/bench_model_tiny.json"
   STATUS[kernels_vit_l]="skipped (profile --kernels needs CUDA)"
 fi
 
@@ -93,15 +101,15 @@ fi
 # minute or more each): most telling and cheapest first, each its own step (a timeout loses only itself)
 if [ "$HAS_CUDA" = 1 ]; then
   step regional_vit_b 120 $PY -m mae_fast.cli bench --model mae_vit_base_patch16 --batch-size 256 \
-    --variants auto,auto+regional --json "$OUTDIR/bench_model_vit_b_regional.json"
+    --variants auto,auto+regional --json "$SUITES/bench_model_vit_b_regional.json"
   step ablation_vit_l 150 $PY -m mae_fast.cli bench --model mae_vit_large_patch16 --batch-size 64 --warmup 1 \
-    --repeats 2 --variants auto --ablate-decoder --json "$OUTDIR/bench_ablation_vit_l.json"
+    --repeats 2 --variants auto --ablate-decoder --json "$SUITES/bench_ablation_vit_l.json"
   step compile_vit_b 180 $PY -m mae_fast.cli bench --model mae_vit_base_patch16 --batch-size 256 \
-    --variants auto+compile,hf_sdpa+compile --json "$OUTDIR/bench_model_vit_b_compile.json"
+    --variants auto+compile,hf_sdpa+compile --json "$SUITES/bench_model_vit_b_compile.json"
 else
   step ablation_tiny 120 $PY -m mae_fast.cli bench --model mae_vit_demo_patch8 --img-size 32 --batch-size 1 \
     --warmup 0 --repeats 1 --variants auto --ablate-decoder --decoder-depths 1,2 --decoder-widths 32 \
-    --json "$OUTDIR/bench_ablation_tiny.json"
+    --json "$SUITES/bench_ablation_tiny.json"
 fi
 
 # 3b. the rest of the suite (CI runs it on every change; here it checks the GPU machine's versions)
@@ -112,13 +120,11 @@ else
 fi
 
 # 6. the table; then the per-suite JSONs (all merged into results.json) go into one archive
-$PY benchmarks/summarize_results.py "$OUTDIR" | tee -a "$LOG" "$OUTDIR/summary.md"
-if [ -s "$OUTDIR/results.json" ] && ls "$OUTDIR"/bench_*.json >/dev/null 2>&1; then
-  (cd "$OUTDIR" && tar czf suites.tar.gz bench_*.json && rm -f bench_*.json)
-fi
+$PY benchmarks/summarize_results.py "$SUITES" | tee -a "$LOG" "$OUTDIR/summary.md"
+[ -s "$SUITES/results.json" ] && mv "$SUITES/results.json" "$OUTDIR/results.json"
 say ""
 say "step status:"
-for k in info build ext_load tests_gpu bench_ops bench_attention model_vit_l model_vit_b profile_vit_l kernels_vit_l \
+for k in info build ext_load tests_gpu model_vit_l bench_ops bench_attention kernels_vit_l model_vit_b profile_vit_l \
          model_tiny memcheck regional_vit_b ablation_vit_l ablation_tiny compile_vit_b tests_rest; do
   [ -n "${STATUS[$k]:-}" ] && say "  $(printf '%-16s' "$k") ${STATUS[$k]}"
 done

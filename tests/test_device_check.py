@@ -23,3 +23,10 @@ def test_device_check_runs_on_cpu(tmp_path):
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["model_tiny"]["rows"][0]["status"] == "ok"
     assert "device check summary" in (tmp_path / "summary.md").read_text()
+    # what comes back from the GPU machine: at most 8 files, every suite inside the archive
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["device_check.log", "results.json", "suites.tar.gz",
+                                                          "summary.md"]
+    import tarfile
+
+    with tarfile.open(tmp_path / "suites.tar.gz") as tar:
+        assert "./bench_model_tiny.json" in tar.getnames()
