@@ -8,6 +8,8 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -138,6 +140,19 @@ void check_grid(const QkvDims& d, const char* op) {
                     ": B * H * ceil(N / 64) must be < 2**31, got B=", d.B, " N=", d.N, " H=", d.H);
 }
 
+// MAE_FAST_ATTENTION_KERNELS=auto|tiled|short (unset or empty: auto), read at every call (so
+// a benchmark can flip it between calls; a CUDA graph keeps the kernels of its capture): auto is
+// the measured default dispatch, tiled the 64-row tiled kernels, short the one-CTA-per-head
+// kernels where they cover the shape (attention_params.h, AttnKernels).
+AttnKernels kernel_choice() {
+  const char* v = std::getenv("MAE_FAST_ATTENTION_KERNELS");
+  if (v == nullptr || v[0] == '\0' || std::strcmp(v, "auto") == 0) return AttnKernels::kAuto;
+  if (std::strcmp(v, "tiled") == 0) return AttnKernels::kTiled;
+  if (std::strcmp(v, "short") == 0) return AttnKernels::kShort;
+  TORCH_CHECK_VALUE(false, "MAE_FAST_ATTENTION_KERNELS must be auto, tiled or short, got '", std::string(v), "'");
+  return AttnKernels::kAuto;
+}
+
 void check_launch(cudaError_t err, const char* op) {
   TORCH_CHECK(err == cudaSuccess, op, ": CUDA kernel launch failed: ", cudaGetErrorString(err));
 }
@@ -155,6 +170,7 @@ AttentionParams make_params(const at::Tensor& qkv, const QkvDims& d) {
   p.D = static_cast<int>(d.D);
   p.scale = 1.f / std::sqrt(static_cast<float>(d.D));
   p.dtype = attn_dtype(qkv);
+  p.kernels = kernel_choice();
   return p;
 }
 

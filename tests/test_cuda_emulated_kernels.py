@@ -1,8 +1,10 @@
 """Run the production CUDA attention kernels on a CPU emulator (csrc/attention/emulator/), without
 a GPU: the same .cuh source, launchers and dispatch, with mma.sync / ldmatrix / shuffles emulated
-per the PTX ISA's documented fragment layouts, each CTA on 128 CPU threads. Checks index math,
-tail masking, the small-N and blocked backward paths, strided qkv rows and that every output
-element is written (outputs start NaN-filled), against a float64 reference.
+per the PTX ISA's documented fragment layouts, each CTA on its CPU threads (128, or 32 per 16 rows
+for the short-sequence kernels). Checks index math, tail masking, the small-N and blocked backward
+paths, the short-sequence kernels (kernels=short: every head dim at N in SHORT_NS, their fallback
+to the tiled kernels past the N they cover, both dQ variants), strided qkv rows and that every
+output element is written (outputs start NaN-filled), against a float64 reference.
 
 Skipped when g++ (C++20) or the CUDA headers (cuda_fp16.h) are missing.
 """
@@ -48,6 +50,16 @@ CASES = [
 # Re-run with cp.async copies completed at the wait instead of at issue (see cuda_emulator.h).
 DEFERRED = [(2, 7, 2, 32, 1, 8), (1, 65, 1, 80, 0, 0), (1, 130, 1, 32, 0, 8), (1, 70, 1, 64, 0, 0)]
 
+# The short-sequence kernels (MAE_FAST_ATTENTION_KERNELS=short; emulator argument 2): every head
+# dim x these N, the dtype and qkv row padding alternating. 300 is past every short kernel's N
+# (the tiled fallback); at D >= 64 the backward covers N <= 80, the forward N <= 272 (D = 128:
+# N <= 80); at D = 32, N = 196, 197 and 257 take the dQ variant that recomputes S and dP.
+SHORT_NS = (1, 7, 50, 65, 196, 197, 257, 300)
+SHORT_CASES = [(2 if N <= 65 else 1, N, 2 if N <= 7 else 1, D, i % 2, 8 * (i % 3))
+               for i, (D, N) in enumerate((D, N) for D in (32, 64, 80, 128) for N in SHORT_NS)]
+SHORT_DEFERRED = [(1, 50, 2, 64, 1, 0), (2, 65, 1, 80, 0, 8), (1, 197, 1, 32, 1, 0), (1, 257, 1, 32, 0, 0)]
+TILED, SHORT = 1, 2
+
 
 @pytest.fixture(scope="module")
 def emulator(tmp_path_factory):
@@ -62,11 +74,13 @@ def emulator(tmp_path_factory):
 
 
 def test_emulated_kernels_match_float64(emulator):
-    runs = [(case, False) for case in CASES] + [(case, True) for case in DEFERRED]
+    runs = [(case, False, 0) for case in CASES] + [(case, True, 0) for case in DEFERRED]
+    runs += [(case, False, SHORT) for case in SHORT_CASES] + [(case, True, SHORT) for case in SHORT_DEFERRED]
+    runs += [((1, 50, 1, 64, 0, 0), False, TILED)]
 
     def run(item):
-        case, deferred = item
-        args = [str(x) for x in case] + [str(sum(case))]
+        case, deferred, kernels = item
+        args = [str(x) for x in case] + [str(sum(case)), str(kernels)]
         env = dict(os.environ, MAE_FAST_EMU_DEFERRED="1" if deferred else "0")
         return subprocess.run([str(emulator), *args], capture_output=True, text=True, timeout=600, env=env)
 
@@ -74,8 +88,8 @@ def test_emulated_kernels_match_float64(emulator):
         results = list(pool.map(run, runs))
     print()
     failed = []
-    for (case, deferred), proc in zip(runs, results):
+    for (case, deferred, kernels), proc in zip(runs, results):
         print(("deferred copies: " if deferred else "") + (proc.stdout.strip() or proc.stderr.strip()))
         if proc.returncode != 0:
-            failed.append((case, deferred, proc.stdout + proc.stderr))
+            failed.append((case, deferred, kernels, proc.stdout + proc.stderr))
     assert not failed, failed

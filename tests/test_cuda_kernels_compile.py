@@ -1,5 +1,6 @@
 """Compile every CUDA kernel file (csrc/attention/*.cu) with nvcc for sm_80 and sm_90a, without a
-GPU: no register spills, and tensor-core (HMMA) instructions in the SASS of every matmul kernel.
+GPU: no register spills, and tensor-core (HMMA) instructions in the SASS of every matmul kernel
+(the tiled kernels and the short-sequence ones, fwd_short5/17 and bwd_short5/17 by most warps).
 Prints the ptxas resource report (registers, spills) and each kernel's dynamic shared memory.
 
 Skipped when nvcc or cuobjdump (shipped in the triton wheel) is missing.
@@ -45,10 +46,18 @@ NVCC, CUOBJDUMP = _nvcc(), _cuobjdump()
 pytestmark = pytest.mark.skipif(NVCC is None or CUOBJDUMP is None, reason="needs nvcc and cuobjdump")
 
 
-def _smem_bytes(kind, D, elem=2):
-    """Dynamic shared memory per CTA; mirrors FwdConfig (fwd_kernel.cuh) and BwdConfig and
-    BwdSmallConfig (bwd_kernels.cuh)."""
+def _smem_bytes(kind, D, elem=2, max_warps=None):
+    """Dynamic shared memory per CTA; mirrors FwdConfig (fwd_kernel.cuh), BwdConfig and
+    BwdSmallConfig (bwd_kernels.cuh) and ShortConfig (short_kernels.cuh, at the most rows an
+    instantiation takes, 16 * max_warps; the backward with dS^T kept when it fits 112 KiB)."""
     pitch, m = D + 8, 64
+    if kind in ("fwd_short", "bwd_short"):
+        r = 16 * max_warps
+        if kind == "fwd_short":  # Q, K, V
+            return 3 * r * pitch * elem
+        tiles = 4 * r * pitch * elem + 2 * r * 4  # Q, K, V, dO + lse, delta
+        ds = r * (r + 8) * elem
+        return tiles + ds if tiles + ds <= 112 * 1024 else tiles
     n = 64 if kind == "fwd" or D <= 64 else 32
     if kind == "fwd":  # Q + two stages of (K, V)
         return (m + 4 * 64) * pitch * elem
@@ -64,13 +73,21 @@ def _smem_bytes(kind, D, elem=2):
 _ENTRY = re.compile(r"Compiling entry function '(\S+)' for '(sm_\w+)'")
 _SPILL = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 _REGS = re.compile(r"Used (\d+) registers")
-_NAME = re.compile(r"attention_(\w+?)_kernelI(?:6__half|13__nv_bfloat16)(?:Li(\d+)E)?")
+_NAME = re.compile(r"attention_(\w+?)_kernelI(?:6__half|13__nv_bfloat16)(?:Li(\d+)E)?(?:Li(\d+)E)?")
 
 
 def _short(mangled):
+    """(kind, D, dtype), the kind of a short kernel suffixed with its most warps (fwd_short17)."""
     m = _NAME.search(mangled)
     dtype = "bf16" if "bfloat16" in mangled else "fp16"
-    return (m.group(1), int(m.group(2)) if m.group(2) else None, dtype) if m else (mangled, None, dtype)
+    if not m:
+        return mangled, None, dtype
+    return m.group(1) + (m.group(3) or ""), int(m.group(2)) if m.group(2) else None, dtype
+
+
+def _smem_of(kind, D):
+    m = re.fullmatch(r"(fwd_short|bwd_short)(\d+)", kind)
+    return _smem_bytes(m.group(1), D, max_warps=int(m.group(2))) if m else _smem_bytes(kind, D)
 
 
 def _compile(cu, outdir):
@@ -116,7 +133,7 @@ def test_no_register_spills(compiled):
         assert rows, f"no ptxas report for {cu.name}"
         for r in rows:
             kind, D, dtype = _short(r["kernel"])
-            smem = _smem_bytes(kind, D) if D else 0
+            smem = _smem_of(kind, D) if D else 0
             print(f"{kind:<12}{D or '-':>5} {dtype:<6}{r['arch']:<8}{r['regs']:>6}{r['stack']:>7}"
                   f"{r['spill_st']:>7}/{r['spill_ld']:<5}{smem:>9}")
             if r["spill_st"] or r["spill_ld"]:
@@ -148,6 +165,11 @@ def test_tensor_core_instructions(compiled):
     assert not missing, f"no HMMA in {missing}"
     archs = {arch for (_, arch) in counts}
     assert archs == set(ARCHS), archs
+    # The short-sequence kernels exist for every head dim, both dtypes and both archs.
+    for arch in ARCHS:
+        for direction in ("fwd", "bwd"):
+            dims = {_short(name)[1] for (name, a) in counts if a == arch and _short(name)[0].startswith(direction + "_short")}
+            assert dims == {32, 64, 80, 128}, (arch, direction, dims)
 
 
 # Minimal stand-ins for the two c10 CUDA headers the binding uses (the CPU torch build ships

@@ -14,6 +14,12 @@ namespace mae_fast {
 
 enum class AttnDtype : int { kFloat16 = 0, kBFloat16 = 1 };
 
+// Which kernel family runs (the binding reads MAE_FAST_ATTENTION_KERNELS at each call):
+// kAuto is the measured default (today: the tiled kernels everywhere), kTiled the 64-row tiled
+// kernels, kShort the one-CTA-per-head kernels of short_kernels.cuh where they cover the shape
+// (N <= 272; the backward at D >= 64 only N <= 80), the tiled ones elsewhere.
+enum class AttnKernels : int { kAuto = 0, kTiled = 1, kShort = 2 };
+
 // All strides are in elements (not bytes) and 64-bit. Every innermost (head-dim) stride is 1.
 struct AttentionParams {
   // qkv: (B, N, 3, H, D), the qkv Linear's output viewed without permute or copy.
@@ -38,13 +44,15 @@ struct AttentionParams {
   int B, N, H, D;
   float scale;  // softmax scale, D**-0.5 for the op
   AttnDtype dtype;
+  AttnKernels kernels;
 };
 
 // Entry points: dispatch on dtype and head dim, launch on `stream`, return the launch error.
 // The pointers must be 16-byte aligned and the qkv/out/dout/dqkv row strides multiples of 8
 // elements (the kernels move 16-byte vectors); the binding checks or copies.
-// Backward: for N <= 64 and D <= 64 one kernel per head does everything; otherwise a delta
-// kernel, a dK/dV kernel (per 64 keys) and a dQ kernel (per 64 queries) run in turn.
+// Tiled backward: for N <= 64 and D <= 64 one kernel per head does everything; otherwise a delta
+// kernel, a dK/dV kernel (per 64 keys) and a dQ kernel (per 64 queries) run in turn. Short
+// kernels (kernels == kShort, where they cover N and D): one launch each way, one CTA per head.
 cudaError_t attention_fwd_cuda(const AttentionParams& p, cudaStream_t stream);
 cudaError_t attention_bwd_cuda(const AttentionParams& p, cudaStream_t stream);
 

@@ -258,6 +258,50 @@ __device__ __forceinline__ void mma_acc_b(float (&c)[ND][4], const float (&acc)[
   }
 }
 
+// One online-softmax update of a warp's 16 query rows (rows lane / 4 and lane / 4 + 8) with the
+// raw scores s of keys [n0, n0 + NT * 8): s becomes P = exp2(scale * log2(e) * s - m) (keys >= N:
+// 0, when `mask`), the running max m_run (base-2 units) and this thread's partial row sums l_run
+// are updated and the accumulator o is rescaled. Key n0 must be < N so the max stays finite.
+template <int NT, int ND>
+__device__ __forceinline__ void online_softmax_update(float (&s)[NT][4], float (&o)[ND][4], float (&m_run)[2],
+                                                      float (&l_run)[2], int n0, int N, bool mask, float sl2,
+                                                      int lane) {
+  float mx[2] = {m_run[0], m_run[1]};
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int key = n0 + nt * 8 + (lane % 4) * 2 + (j & 1);
+      const float v = !mask || key < N ? s[nt][j] * sl2 : -INFINITY;
+      s[nt][j] = v;
+      mx[j >> 1] = fmaxf(mx[j >> 1], v);
+    }
+  }
+  float alpha[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    mx[r] = quad_max(mx[r]);
+    alpha[r] = exp2f(m_run[r] - mx[r]);  // 0 on the first block (m_run = -inf)
+    m_run[r] = mx[r];
+    l_run[r] *= alpha[r];
+  }
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      s[nt][j] = exp2f(s[nt][j] - m_run[j >> 1]);
+      l_run[j >> 1] += s[nt][j];
+    }
+  }
+#pragma unroll
+  for (int dt = 0; dt < ND; ++dt) {
+    o[dt][0] *= alpha[0];
+    o[dt][1] *= alpha[0];
+    o[dt][2] *= alpha[1];
+    o[dt][3] *= alpha[1];
+  }
+}
+
 // Rows row0 + lane / 4 and row0 + lane / 4 + 8 of the warp's 16 x ND*8 accumulator tile, those < N,
 // times scale0 / scale1, into row-major global rows of `stride` elements.
 template <typename T, int ND>

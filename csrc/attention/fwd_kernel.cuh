@@ -79,41 +79,7 @@ __global__ void __launch_bounds__(kThreads, MinCtas<D>::kFwd) attention_fwd_kern
     }
 
     // Keys >= N get -inf; the block's first key (n0 < N) is always valid, so the max is finite.
-    float mx[2] = {m_run[0], m_run[1]};
-#pragma unroll
-    for (int nt = 0; nt < kBlockN / 8; ++nt) {
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const int key = n0 + nt * 8 + (lane % 4) * 2 + (j & 1);
-        const float v = key < N ? s[nt][j] * sl2 : -INFINITY;
-        s[nt][j] = v;
-        mx[j >> 1] = fmaxf(mx[j >> 1], v);
-      }
-    }
-    float alpha[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      mx[r] = quad_max(mx[r]);
-      alpha[r] = exp2f(m_run[r] - mx[r]);  // 0 on the first block (m_run = -inf)
-      m_run[r] = mx[r];
-      l_run[r] *= alpha[r];
-    }
-#pragma unroll
-    for (int nt = 0; nt < kBlockN / 8; ++nt) {
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        s[nt][j] = exp2f(s[nt][j] - m_run[j >> 1]);
-        l_run[j >> 1] += s[nt][j];
-      }
-    }
-#pragma unroll
-    for (int dt = 0; dt < D / 8; ++dt) {
-      o[dt][0] *= alpha[0];
-      o[dt][1] *= alpha[0];
-      o[dt][2] *= alpha[1];
-      o[dt][3] *= alpha[1];
-    }
-
+    online_softmax_update(s, o, m_run, l_run, n0, N, /*mask=*/true, sl2, lane);
     mma_acc_b<T>(o, s, sV, P, lane);  // O += P V, with P taken straight from the score registers
     cp_async_wait_all();  // this thread's part of the next block has landed
     __syncthreads();      // all of it has, and every warp is done with this stage

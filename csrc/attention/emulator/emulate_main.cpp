@@ -1,8 +1,9 @@
 // Runs the production attention kernels (forward and backward, through the same launchers and
 // dispatch) on the CPU emulator and compares them with a float64 reference.
 //
-//   emulate B N H D dtype(0 = fp16, 1 = bf16) row_pad seed
+//   emulate B N H D dtype(0 = fp16, 1 = bf16) row_pad seed [kernels]
 //
+// kernels: 0 auto (the default dispatch), 1 tiled, 2 short (AttnKernels, attention_params.h).
 // qkv is a (B, N, 3*H*D + row_pad) buffer viewed as (B, N, 3, H, D) (row_pad % 8 == 0), every
 // output buffer starts NaN-filled. Prints one line of errors; exit status 1 on failure.
 #define MAE_FAST_EMULATE 1
@@ -34,7 +35,7 @@ float from_bits(uint16_t b) {
 }
 
 template <typename T>
-int run(int B, int N, int H, int D, int row_pad, unsigned seed) {
+int run(int B, int N, int H, int D, int row_pad, unsigned seed, int kernels) {
   const int64_t row = 3LL * H * D + row_pad;
   std::mt19937 gen(seed);
   std::normal_distribution<float> normal;
@@ -72,6 +73,7 @@ int run(int B, int N, int H, int D, int row_pad, unsigned seed) {
   p.scale = 1.f / std::sqrt(static_cast<float>(D));
   p.dtype = sizeof(T) == 2 && std::is_same_v<T, __nv_bfloat16> ? mae_fast::AttnDtype::kBFloat16
                                                                  : mae_fast::AttnDtype::kFloat16;
+  p.kernels = static_cast<mae_fast::AttnKernels>(kernels);
   if (mae_fast::attention_fwd_cuda(p, nullptr) != cudaSuccess) return 2;
   if (mae_fast::attention_bwd_cuda(p, nullptr) != cudaSuccess) return 2;
 
@@ -140,8 +142,9 @@ int run(int B, int N, int H, int D, int row_pad, unsigned seed) {
   const double tol_o = bf16 ? 3e-2 : 4e-3, tol_g = bf16 ? 5e-2 : 1e-2;
   bool ok = finite && err_o <= tol_o * std::max(1.0, max_o) && err_lse <= 1e-2;
   for (int w = 0; w < 3; ++w) ok &= err_g[w] <= tol_g * std::max(1.0, max_g[w]);
-  std::printf("%s B=%d N=%d H=%d D=%d %s pad=%d: out %.3g lse %.3g dq %.3g/%.3g dk %.3g/%.3g dv %.3g/%.3g%s\n",
-              ok ? "OK" : "FAIL", B, N, H, D, bf16 ? "bf16" : "fp16", row_pad, err_o, err_lse, err_g[0], max_g[0],
+  static const char* kKernelNames[] = {"auto", "tiled", "short"};
+  std::printf("%s %s B=%d N=%d H=%d D=%d %s pad=%d: out %.3g lse %.3g dq %.3g/%.3g dk %.3g/%.3g dv %.3g/%.3g%s\n",
+              ok ? "OK" : "FAIL", kKernelNames[kernels], B, N, H, D, bf16 ? "bf16" : "fp16", row_pad, err_o, err_lse, err_g[0], max_g[0],
               err_g[1], max_g[1], err_g[2], max_g[2], finite ? "" : " NON-FINITE");
   return ok ? 0 : 1;
 }
@@ -149,12 +152,15 @@ int run(int B, int N, int H, int D, int row_pad, unsigned seed) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc != 8) {
-    std::fprintf(stderr, "usage: %s B N H D dtype(0=fp16,1=bf16) row_pad seed\n", argv[0]);
+  if (argc != 8 && argc != 9) {
+    std::fprintf(stderr, "usage: %s B N H D dtype(0=fp16,1=bf16) row_pad seed [kernels 0=auto,1=tiled,2=short]\n",
+                 argv[0]);
     return 2;
   }
   const int B = std::atoi(argv[1]), N = std::atoi(argv[2]), H = std::atoi(argv[3]), D = std::atoi(argv[4]);
   const int dtype = std::atoi(argv[5]), pad = std::atoi(argv[6]);
   const unsigned seed = static_cast<unsigned>(std::atoi(argv[7]));
-  return dtype == 1 ? run<__nv_bfloat16>(B, N, H, D, pad, seed) : run<__half>(B, N, H, D, pad, seed);
+  const int kernels = argc == 9 ? std::atoi(argv[8]) : 0;
+  if (kernels < 0 || kernels > 2) return 2;
+  return dtype == 1 ? run<__nv_bfloat16>(B, N, H, D, pad, seed, kernels) : run<__half>(B, N, H, D, pad, seed, kernels);
 }
