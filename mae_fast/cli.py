@@ -17,6 +17,10 @@ def _default_device() -> str:
 
 
 def cmd_bench(args) -> int:
+    if args.data or args.synthetic_jpeg:  # the input pipeline, beside the model's step rate
+        from . import loader_bench
+
+        return loader_bench.main(loader_bench.from_bench_args(args))
     device = args.device or _default_device()
     on_gpu = device.startswith("cuda")
     cfg = bench.BenchConfig(
@@ -195,6 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="depth sweep of --ablate-decoder, at the model's decoder width")
     p.add_argument("--decoder-widths", default=",".join(map(str, profile.DECODER_WIDTHS)),
                    help="width sweep of --ablate-decoder, at the model's decoder depth (multiples of its heads)")
+    from . import loader_bench, shards
+
+    loader_bench.add_arguments(p, within_bench=True)  # --data / --synthetic-jpeg: the loader, per stage
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("flops", help="analytic FLOPs: encoder vs decoder, with and without mask tokens")
@@ -231,6 +238,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("reconstruct", help="PNG grids: original | masked | reconstruction | + visible")
     reconstruct.add_arguments(p)
     p.set_defaults(func=reconstruct.main)
+
+    p = sub.add_parser("shards", help="write an image folder as webdataset-style tar shards (for --data-path)")
+    shards.add_arguments(p)
+    p.set_defaults(func=shards.main)
 
     p = sub.add_parser("convert", help="convert a checkpoint (official .pth, state dict) to safetensors")
     p.add_argument("src")

@@ -19,6 +19,7 @@ silently "trained" on). ``on_bad_image="error"`` raises at the first one, naming
 """
 from __future__ import annotations
 
+import io
 import math
 import os
 import warnings
@@ -43,14 +44,40 @@ def _pil():
 
 
 # ---------------------------------------------------------------------------- transforms
-def to_tensor(img) -> torch.Tensor:
-    """PIL RGB image -> float tensor (3, H, W) in [0, 1] (torchvision's ``ToTensor``)."""
-    arr = np.asarray(img.convert("RGB"), dtype=np.uint8)
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
+def to_mode(img, channels: int = 3):
+    """A PIL image of any mode -> RGB (``channels=3``) or L (``channels=1``). 16- and 32-bit
+    integer images (``I;16``, ``I``: 16-bit PNG/TIFF) are scaled to 8 bits (PIL's own ``convert``
+    would clip them to white); float (``F``) ones are taken as 0-1 if their maximum is at most 1.
+    CMYK, palette, LA/RGBA (alpha dropped) and grayscale go through PIL's ``convert``."""
+    Image = _pil()
+    want = "RGB" if channels == 3 else "L"
+    if img.mode == want:
+        return img
+    if img.mode.startswith("I") or img.mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        if img.mode == "F":
+            top = 1.0 if arr.size and arr.max() <= 1.0 else 255.0
+        else:
+            top = 255.0 if arr.size and arr.max() <= 255 else 65535.0
+        img = Image.fromarray(np.clip(arr * (255.0 / top) + 0.5, 0, 255).astype(np.uint8), "L")
+    return img.convert(want)
+
+
+def to_tensor(img, channels: int = 3) -> torch.Tensor:
+    """PIL image -> float tensor (C, H, W) in [0, 1] (torchvision's ``ToTensor``)."""
+    return to_uint8(img, channels).float().div_(255.0)
+
+
+def to_uint8(img, channels: int = 3) -> torch.Tensor:
+    """PIL image -> uint8 tensor (C, H, W): what the fast path sends to the device."""
+    arr = np.asarray(to_mode(img, channels), dtype=np.uint8)
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1)
 
 
 def normalize(x: torch.Tensor, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD) -> torch.Tensor:
-    """(…, 3, H, W) in [0, 1] -> normalised with ImageNet mean/std."""
+    """(…, C, H, W) in [0, 1] -> normalised with mean/std (ImageNet's by default)."""
     m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(-1, 1, 1)
     s = torch.tensor(std, dtype=x.dtype, device=x.device).view(-1, 1, 1)
     return (x - m) / s
@@ -61,6 +88,16 @@ def denormalize(x: torch.Tensor, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAUL
     m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(-1, 1, 1)
     s = torch.tensor(std, dtype=x.dtype, device=x.device).view(-1, 1, 1)
     return x * s + m
+
+
+def normalize_batch(x: torch.Tensor, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD) -> torch.Tensor:
+    """A batch from the loader -> normalised float. uint8 batches (the fast path: 4x fewer bytes to
+    pin and copy) are converted where they are, after the host-to-device copy, with exactly the
+    float operations of ``to_tensor`` + ``normalize``, so the result is the same bit for bit; float
+    batches (already normalised) pass through."""
+    if x.dtype != torch.uint8:
+        return x
+    return normalize(x.float().div_(255.0), mean, std)
 
 
 def random_resized_crop_params(width: int, height: int, scale=(0.2, 1.0),
@@ -90,27 +127,123 @@ def random_resized_crop_params(width: int, height: int, scale=(0.2, 1.0),
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-class PretrainTransform:
-    """RandomResizedCrop(size, scale, bicubic) + horizontal flip + ToTensor + ImageNet Normalize."""
+def draft_factor(w: int, h: int, size: int) -> int:
+    """The largest JPEG DCT scale 1/k (k in 8, 4, 2, 1) at which a ``w`` x ``h`` crop still holds
+    at least ``size`` pixels each way: decoding at that scale keeps the resize a downscale."""
+    for k in (8, 4, 2):
+        if w // k >= size and h // k >= size:
+            return k
+    return 1
 
-    def __init__(self, size: int, scale=(0.2, 1.0), ratio=(3.0 / 4.0, 4.0 / 3.0), hflip: float = 0.5):
+
+class PretrainTransform:
+    """RandomResizedCrop(size, scale, bicubic) + horizontal flip + ToTensor + Normalize (ImageNet's
+    mean/std by default): the authors' pretraining augmentation.
+
+    ``output="uint8"`` stops before the float conversion: the batch goes to the device as uint8 and
+    :func:`normalize_batch` finishes there (bit-identical, 4x fewer bytes through the loader).
+    ``draft=True`` decodes a JPEG at a reduced DCT scale (PIL's draft mode: 1/2, 1/4, 1/8) chosen
+    so that the crop still holds at least ``size`` pixels each way, then resizes the scaled crop
+    box: the same crop and flip draws as the exact path, the pixels differ slightly (measured in
+    docs/pretraining.md). It applies to JPEGs not yet loaded (``ImageFolder(lazy=True)``); any
+    other image takes the exact path."""
+
+    def __init__(self, size: int, scale=(0.2, 1.0), ratio=(3.0 / 4.0, 4.0 / 3.0), hflip: float = 0.5, *,
+                 mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, channels: int = 3,
+                 output: str = "float", draft: bool = False):
         if size <= 0:
             raise ValueError(f"size must be positive, got {size}")
         if not 0 < scale[0] <= scale[1] <= 1:
             raise ValueError(f"scale must satisfy 0 < min <= max <= 1, got {scale}")
+        if output not in ("float", "uint8"):
+            raise ValueError(f"output must be 'float' or 'uint8', got {output!r}")
+        if channels not in (1, 3) or len(mean) != channels or len(std) != channels:
+            raise ValueError(f"channels must be 1 or 3 with as many mean/std values, got {channels}, {mean}, {std}")
         self.size, self.scale, self.ratio, self.hflip = size, tuple(scale), tuple(ratio), hflip
+        self.mean, self.std, self.channels = tuple(mean), tuple(std), channels
+        self.output, self.draft = output, draft
 
-    def __call__(self, img) -> torch.Tensor:
+    def crop(self, img):
+        """Draw the crop and the flip (the authors' order) and apply them: PIL image of ``size``."""
         Image = _pil()
-        img = img.convert("RGB")
-        i, j, h, w = random_resized_crop_params(img.width, img.height, self.scale, self.ratio)
-        img = img.resize((self.size, self.size), Image.BICUBIC, box=(j, i, j + w, i + h))
+        width, height = img.size
+        i, j, h, w = random_resized_crop_params(width, height, self.scale, self.ratio)
+        box = (j, i, j + w, i + h)
+        k = draft_factor(w, h, self.size) if self.draft and getattr(img, "format", None) == "JPEG" \
+            and not getattr(img, "_mae_loaded", False) else 1
+        if k > 1:
+            img.draft(img.mode, (width // k, height // k))
+            sx, sy = img.size[0] / width, img.size[1] / height
+            box = (j * sx, i * sy, (j + w) * sx, (i + h) * sy)
+        img = to_mode(img, self.channels)
+        img = img.resize((self.size, self.size), Image.BICUBIC, box=box)
         if torch.rand(1).item() < self.hflip:
             img = img.transpose(Image.FLIP_LEFT_RIGHT)
-        return normalize(to_tensor(img))
+        return img
+
+    def finish(self, img) -> torch.Tensor:
+        """The cropped PIL image -> uint8 tensor, or ToTensor + Normalize."""
+        if self.output == "uint8":
+            return to_uint8(img, self.channels)
+        return normalize(to_tensor(img, self.channels), self.mean, self.std)
+
+    def __call__(self, img) -> torch.Tensor:
+        return self.finish(self.crop(img))
 
     def __repr__(self) -> str:
-        return f"PretrainTransform(size={self.size}, scale={self.scale}, ratio={self.ratio}, hflip={self.hflip})"
+        return (f"PretrainTransform(size={self.size}, scale={self.scale}, ratio={self.ratio}, hflip={self.hflip}, "
+                f"mean={self.mean}, std={self.std}, output={self.output!r}, draft={self.draft})")
+
+
+class DeviceAugmentTransform(PretrainTransform):
+    """The crop + resize + flip moved to the device (``--augment device``): in the worker, decode and
+    draw the crop and flip exactly as :class:`PretrainTransform` does (the same torch RNG calls in
+    the same order); return the whole decoded image as uint8 and the draws. :func:`collate_device`
+    pads a batch to its largest image; :func:`device_augment` crops, resizes (bicubic, antialiased
+    as PIL), flips and normalises the batch where it lands. The CPU then only reads and decodes."""
+
+    def __call__(self, img):
+        img = to_mode(img, self.channels)
+        i, j, h, w = random_resized_crop_params(img.width, img.height, self.scale, self.ratio)
+        flip = torch.rand(1).item() < self.hflip
+        return to_uint8(img, self.channels), torch.tensor([i, j, h, w, int(flip)], dtype=torch.int32)
+
+
+def collate_device(batch):
+    """Collate ``((uint8 image, draws), label[, skipped])`` samples: images zero-padded to the
+    batch's largest, stacked; returns ``((images, draws), labels[, skipped])``."""
+    imgs = [b[0][0] for b in batch]
+    hm, wm = max(x.shape[1] for x in imgs), max(x.shape[2] for x in imgs)
+    out = torch.zeros(len(imgs), imgs[0].shape[0], hm, wm, dtype=torch.uint8)
+    for k, x in enumerate(imgs):
+        out[k, :, :x.shape[1], :x.shape[2]] = x
+    rest = [torch.tensor([b[i] for b in batch]) for i in range(1, len(batch[0]))]
+    return ((out, torch.stack([b[0][1] for b in batch])), *rest)
+
+
+def device_augment(images: torch.Tensor, draws: torch.Tensor, size: int, mean=IMAGENET_DEFAULT_MEAN,
+                   std=IMAGENET_DEFAULT_STD) -> torch.Tensor:
+    """(B, C, H, W) uint8 images (on any device) and their (B, 5) crop/flip draws (on the CPU) ->
+    the normalised (B, C, size, size) float batch: each crop resized with bicubic antialiasing
+    (``F.interpolate(..., antialias=True)``, PIL's filter), rounded to uint8 levels as PIL's output
+    is, flipped, normalised."""
+    import torch.nn.functional as F
+
+    out = torch.empty(images.shape[0], images.shape[1], size, size, device=images.device, dtype=torch.float32)
+    for k, (i, j, h, w, flip) in enumerate(draws.tolist()):
+        crop = images[k:k + 1, :, i:i + h, j:j + w].float()
+        r = F.interpolate(crop, size=(size, size), mode="bicubic", antialias=True, align_corners=False)[0]
+        out[k] = r.flip(-1) if flip else r
+    return normalize(out.round_().clamp_(0, 255).div_(255.0), mean, std)
+
+
+def prepare_batch(samples, device, size: int, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD):
+    """A loader batch -> the model's normalised float input on ``device``: a (images, draws) pair
+    from :class:`DeviceAugmentTransform`, a uint8 batch, or a float one."""
+    if isinstance(samples, (tuple, list)):
+        images, draws = samples
+        return device_augment(images.to(device, non_blocking=True), draws, size, mean, std)
+    return normalize_batch(samples.to(device, non_blocking=True), mean, std)
 
 
 class EvalTransform:
@@ -159,48 +292,63 @@ def find_images(root: str | os.PathLike) -> tuple[list[str], list[int], list[str
     return paths, labels, classes
 
 
+def open_image(path: str, *, lazy: bool = False):
+    """Open an image file with PIL. ``lazy``: only the header is read (the decoder runs on first
+    use, so that a transform may set JPEG draft mode first); else decoded now."""
+    Image = _pil()
+    with open(path, "rb") as f:
+        buf = f.read()
+    img = Image.open(io.BytesIO(buf))
+    if not lazy or img.format != "JPEG":
+        img.load()
+        img._mae_loaded = True
+    return img
+
+
 class ImageFolder(torch.utils.data.Dataset):
     """Images under a folder (flat or with class sub-folders), read with PIL.
 
-    ``__getitem__`` returns ``(tensor, label)`` like torchvision's ImageFolder. Unreadable images:
-    see the module docstring (``on_bad_image="skip"`` warns and substitutes, ``"error"`` raises)."""
+    ``__getitem__`` returns ``(tensor, label)`` like torchvision's ImageFolder, or with
+    ``count_skipped=True`` ``(tensor, label, skipped)``, ``skipped`` the unreadable files passed
+    over for this sample (summed by the training loop, also across DataLoader workers). Unreadable
+    images: see the module docstring (``on_bad_image="skip"`` warns and substitutes, ``"error"``
+    raises). ``lazy=True`` leaves JPEGs undecoded for the transform's draft mode; a decode error
+    then surfaces in the transform and is handled the same way."""
 
-    def __init__(self, root, transform: Callable | None = None, on_bad_image: str = "skip"):
+    def __init__(self, root, transform: Callable | None = None, on_bad_image: str = "skip", *,
+                 lazy: bool = False, count_skipped: bool = False):
         if on_bad_image not in ("skip", "error"):
             raise ValueError(f"on_bad_image must be 'skip' or 'error', got {on_bad_image!r}")
         self.root = os.fspath(root)
         self.samples_paths, self.labels, self.classes = find_images(root)
         self.transform = transform
         self.on_bad_image = on_bad_image
+        self.lazy, self.count_skipped = lazy, count_skipped
         self._warned: set[str] = set()
 
     def __len__(self) -> int:
         return len(self.samples_paths)
 
     def load(self, index: int):
-        Image = _pil()
-        path = self.samples_paths[index]
-        with open(path, "rb") as f:
-            img = Image.open(f)
-            img.load()
-        return img.convert("RGB")
+        return open_image(self.samples_paths[index], lazy=self.lazy)
 
     def __getitem__(self, index: int):
         for attempt in range(MAX_BAD_IN_A_ROW):
             i = (index + attempt) % len(self)
             try:
                 img = self.load(i)
+                x = self.transform(img) if self.transform is not None else img
             except Exception as err:  # PIL raises several types (UnidentifiedImageError, OSError, ...)
                 path = self.samples_paths[i]
                 if self.on_bad_image == "error":
-                    raise ValueError(f"cannot read image {path!r}: {err}") from err
+                    raise ValueError(f"cannot read image {path!r}: {err} (--on-bad-image skip passes over "
+                                     f"unreadable images)") from err
                 if path not in self._warned:
                     self._warned.add(path)
                     warnings.warn(f"skipping unreadable image {path!r} ({type(err).__name__}: {err})",
                                   stacklevel=2)
                 continue
-            x = self.transform(img) if self.transform is not None else img
-            return x, self.labels[i]
+            return (x, self.labels[i], attempt) if self.count_skipped else (x, self.labels[i])
         raise ValueError(f"{MAX_BAD_IN_A_ROW} unreadable images in a row from "
                          f"{self.samples_paths[index]!r} on under {self.root!r}: is this an image folder?")
 
@@ -295,16 +443,73 @@ def save_demo_images(folder: str | os.PathLike, n: int, size: int = 96, seed: in
 
 
 def build_dataset(*, data_path: str | None, input_size: int, synthetic: int = 0, demo: int = 0,
-                  on_bad_image: str = "skip", seed: int = 0) -> torch.utils.data.Dataset:
-    """The training set: the demo shapes, synthetic images, or an image folder."""
+                  on_bad_image: str = "skip", seed: int = 0, mean=IMAGENET_DEFAULT_MEAN,
+                  std=IMAGENET_DEFAULT_STD, channels: int = 3, output: str = "float", draft: bool = False,
+                  count_skipped: bool = False, augment: str = "host") -> torch.utils.data.Dataset:
+    """The training set: the demo shapes, synthetic images, webdataset-style tar shards
+    (:mod:`mae_fast.shards`: a folder holding ``shards.json``, or a ``.tar``/pattern), or an image
+    folder. See :class:`PretrainTransform` for ``output`` and ``draft``."""
+    kind = DeviceAugmentTransform if augment == "device" else PretrainTransform
+    transform = kind(input_size, mean=mean, std=std, channels=channels, output=output, draft=draft)
     if demo:
-        return DemoShapes(demo, size=max(96, input_size + input_size // 2), seed=seed,
-                          transform=PretrainTransform(input_size))
+        return DemoShapes(demo, size=max(96, input_size + input_size // 2), seed=seed, transform=transform)
     if synthetic:
-        return SyntheticImages(synthetic, input_size, seed=seed)
+        return SyntheticImages(synthetic, input_size, in_chans=channels, seed=seed)
     if not data_path:
         raise ValueError("give --data-path FOLDER (images, flat or in class sub-folders), or --synthetic N, or --demo")
-    return ImageFolder(data_path, PretrainTransform(input_size), on_bad_image=on_bad_image)
+    from . import shards
+
+    if shards.is_shards(data_path):
+        return shards.TarShards(data_path, transform, on_bad_image=on_bad_image, seed=seed,
+                                count_skipped=count_skipped)
+    return ImageFolder(data_path, transform, on_bad_image=on_bad_image, lazy=draft, count_skipped=count_skipped)
+
+
+def parse_mean_std(text: str | None, channels: int, what: str) -> tuple[float, ...] | None:
+    """``--mean``/``--std``: ``None`` (ImageNet's; for 1 channel the mean of ImageNet's three),
+    ``data`` (measured: returns None, see :func:`measure_mean_std`), or 1 or ``channels`` numbers."""
+    if text is None or text == "data":
+        return None
+    try:
+        values = tuple(float(v) for v in text.replace(",", " ").split())
+    except ValueError:
+        raise ValueError(f"--{what} takes {channels} numbers (comma-separated) or 'data', got {text!r}") from None
+    if len(values) == 1:
+        values = values * channels
+    if len(values) != channels or (what == "std" and min(values) <= 0):
+        raise ValueError(f"--{what} needs {channels} value(s){' > 0' if what == 'std' else ''}, got {text!r}")
+    return values
+
+
+def default_mean_std(channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    if channels == 3:
+        return IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    return (sum(IMAGENET_DEFAULT_MEAN) / 3,), (sum(IMAGENET_DEFAULT_STD) / 3,)
+
+
+def measure_mean_std(data_path: str, channels: int = 3, n: int = 500, seed: int = 0,
+                     size: int = 64) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``--mean data``: per-channel mean and std (in [0, 1] units) of up to ``n`` images of the
+    folder drawn with a fixed seed, each resized to ``size`` x ``size`` (bicubic) first."""
+    Image = _pil()
+    paths = find_images(data_path)[0]
+    rng = np.random.default_rng(seed)
+    picked = rng.choice(len(paths), size=min(n, len(paths)), replace=False)
+    total, total_sq, count = np.zeros(channels), np.zeros(channels), 0
+    for i in picked:
+        try:
+            img = to_mode(open_image(paths[i]), channels).resize((size, size), Image.BICUBIC)
+        except Exception:  # unreadable: the loader will skip or stop on it
+            continue
+        arr = np.asarray(img, dtype=np.float64).reshape(-1, channels) / 255.0
+        total += arr.sum(0)
+        total_sq += (arr ** 2).sum(0)
+        count += arr.shape[0]
+    if not count:
+        raise ValueError(f"--mean data: none of {len(picked)} sampled images under {data_path!r} could be read")
+    mean = total / count
+    std = np.sqrt(np.maximum(total_sq / count - mean ** 2, 1e-12))
+    return tuple(float(v) for v in mean), tuple(float(v) for v in std)
 
 
 def load_image(path: str | os.PathLike, size: int) -> torch.Tensor:
@@ -322,5 +527,7 @@ def load_image(path: str | os.PathLike, size: int) -> torch.Tensor:
 __all__: Sequence[str] = (
     "IMAGENET_DEFAULT_MEAN", "IMAGENET_DEFAULT_STD", "PretrainTransform", "EvalTransform", "ImageFolder",
     "SyntheticImages", "DemoShapes", "build_dataset", "find_images", "load_image", "make_demo_image",
-    "save_demo_images", "normalize", "denormalize", "random_resized_crop_params", "to_tensor",
+    "save_demo_images", "normalize", "denormalize", "random_resized_crop_params", "to_tensor", "to_uint8",
+    "to_mode", "normalize_batch", "open_image", "draft_factor", "parse_mean_std", "measure_mean_std",
+    "default_mean_std", "DeviceAugmentTransform", "collate_device", "device_augment", "prepare_batch",
 )

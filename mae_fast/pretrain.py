@@ -59,6 +59,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--norm-pix-loss", action="store_true", help="per-patch normalised pixels as the target")
     g.add_argument("--backend", choices=("auto", "torch", "triton", "cuda"),
                    help="mae_fast kernel backend (default: MAE_FAST_BACKEND, else auto)")
+    g.add_argument("--compile", action="store_true",
+                   help="regional torch.compile: each transformer block (model.compile_blocks())")
+    g.add_argument("--in-chans", type=int, default=3, choices=(1, 3),
+                   help="image channels: 3 (RGB, default) or 1 (grayscale data; images are converted to L)")
     g = parser.add_argument_group("optimisation (the authors' recipe)")
     g.add_argument("--batch-size", type=int, help="images per process per iteration (default 64)")
     g.add_argument("--global-batch-size", type=int,
@@ -84,7 +88,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="N random images instead of a folder (throughput runs)")
     g.add_argument("--on-bad-image", choices=("skip", "error"), default="skip",
                    help="unreadable image: skip it with a warning (default) or stop with an error")
+    g.add_argument("--mean", help="normalisation mean per channel, comma-separated, or 'data' (measured on 500 "
+                                  "images of --data-path); default ImageNet's")
+    g.add_argument("--std", help="normalisation std per channel, or 'data'; default ImageNet's")
+    g.add_argument("--decode", choices=("exact", "draft"), default="exact",
+                   help="exact: the authors' pixels (default); draft: JPEGs decoded at a reduced DCT scale "
+                        "(1/2-1/8) before the crop, ~2x faster, pixels differ slightly (docs/pretraining.md)")
+    g.add_argument("--augment", choices=("host", "device"), default="host",
+                   help="host: crop, resize and flip in the workers with PIL, the authors' pixels (default); device: "
+                        "workers only decode, the batch is cropped/resized/flipped on the GPU (same draws; pixels "
+                        "within a level or two of PIL's, docs/pretraining.md)")
     g.add_argument("--num-workers", type=int, help="DataLoader workers per process (default 10; 0 with --demo)")
+    g.add_argument("--prefetch-factor", type=int, default=2, help="batches each worker prepares ahead (default 2)")
     g.add_argument("--steps-per-epoch", type=int, help="cap the iterations per epoch (smoke/throughput runs)")
     g = parser.add_argument_group("output and distribution")
     g.add_argument("--output-dir", help="checkpoints and metrics.jsonl (default ./output_dir; ./mae_demo with --demo)")
@@ -93,6 +108,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="keep only the newest N checkpoint-*.pth (default 0: keep all)")
     g.add_argument("--resume", help="checkpoint to continue from, or 'auto' for the newest in --output-dir")
     g.add_argument("--log-every", type=int, help="iterations between metrics.jsonl lines (default 20)")
+    g.add_argument("--log-dir", help="TensorBoard folder (default: --output-dir), as the authors; written when "
+                                     "tensorboard is installed (pip install 'mae_fast[tensorboard]')")
+    g.add_argument("--no-tensorboard", action="store_true", help="no TensorBoard events even if installed")
     g.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     g.add_argument("--device", help="default: cuda (the local rank's GPU) if available, else cpu")
     g.add_argument("--fsdp", action="store_true",
@@ -181,7 +199,8 @@ def _train(args: argparse.Namespace, info: DistInfo) -> dict:
         raise ValueError("--fsdp needs several processes: start with torchrun --nproc-per-node N")
     if info.is_main:
         os.makedirs(args.output_dir, exist_ok=True)
-    log = _Log(os.path.join(args.output_dir, "metrics.jsonl"), info.is_main, t_start)
+    log = _Log(os.path.join(args.output_dir, "metrics.jsonl"), info.is_main, t_start,
+               tensorboard_dir=None if args.no_tensorboard else (args.log_dir or args.output_dir))
 
     loader, iters = build_loader(args, info)
     model, optimizer, loss_scaler = build_model_and_optimizer(args, info)
@@ -191,13 +210,16 @@ def _train(args: argparse.Namespace, info: DistInfo) -> dict:
     if start_epoch >= args.epochs:
         log.print(f"nothing to do: the checkpoint finished epoch {start_epoch - 1} of {args.epochs}")
 
-    losses, epoch_losses, saved = [], [], []
+    losses, epoch_losses, saved, skipped = [], [], [], 0
     for epoch in range(start_epoch, args.epochs):
         seed_everything(epoch_seed(args.seed, info.rank, epoch))
-        if info.distributed:
+        if hasattr(loader.dataset, "set_epoch"):
+            loader.dataset.set_epoch(epoch)
+        elif info.distributed:
             loader.sampler.set_epoch(epoch)
         stats = train_one_epoch(model, loader, optimizer, loss_scaler, epoch, iters, args, info, log)
         losses += stats["losses"]
+        skipped += stats["skipped"]
         epoch_losses.append(stats["loss"])
         if (epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs:
             path = save_checkpoint(model, optimizer, loss_scaler, epoch, args, info, groups)
@@ -211,17 +233,25 @@ def _train(args: argparse.Namespace, info: DistInfo) -> dict:
     return dict(first_loss=losses[0] if losses else None, last_loss=losses[-1] if losses else None,
                 epoch_losses=epoch_losses, epochs=args.epochs, start_epoch=start_epoch,
                 seconds=time.time() - t_start, checkpoints=saved, output_dir=args.output_dir,
-                losses=losses, model=unwrap(model))
+                losses=losses, model=unwrap(model), skipped_images=skipped)
 
 
 def build_loader(args, info: DistInfo) -> tuple[torch.utils.data.DataLoader, int]:
     """The data set (the same on every rank; the sampler splits it) and its loader; returns the
     loader and the iterations per epoch."""
     seed_everything(args.seed)
+    _resolve_mean_std(args)
     dataset = data_mod.build_dataset(data_path=args.data_path, input_size=args.input_size,
                                      synthetic=args.synthetic, demo=args.demo_images if args.demo else 0,
-                                     on_bad_image=args.on_bad_image, seed=args.seed)
-    if info.distributed:
+                                     on_bad_image=args.on_bad_image, seed=args.seed, mean=args.mean,
+                                     std=args.std, channels=args.in_chans, output="uint8",
+                                     draft=args.decode == "draft", count_skipped=True,
+                                     augment="device" if args.augment == "device" and not args.synthetic else "host")
+    if isinstance(dataset, torch.utils.data.IterableDataset):  # tar shards: split by rank and worker
+        dataset.set_distributed(info.rank, info.world_size)
+        dataset.batch_size = args.batch_size
+        sampler, per_rank = None, len(dataset)
+    elif info.distributed:
         sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank,
                                                       shuffle=True, seed=args.seed)
         per_rank = len(sampler)
@@ -234,6 +264,8 @@ def build_loader(args, info: DistInfo) -> tuple[torch.utils.data.DataLoader, int
     loader = torch.utils.data.DataLoader(
         dataset, sampler=sampler, batch_size=args.batch_size, num_workers=args.num_workers,
         pin_memory=info.device.type == "cuda", drop_last=True,
+        prefetch_factor=args.prefetch_factor if args.num_workers > 0 else None,
+        collate_fn=data_mod.collate_device if isinstance(getattr(dataset, "transform", None), data_mod.DeviceAugmentTransform) else None,
         # not persistent: workers are re-created (and re-seeded) each epoch from the epoch's seed,
         # so a resumed run draws the same crops as one never interrupted
         persistent_workers=False)
@@ -243,12 +275,29 @@ def build_loader(args, info: DistInfo) -> tuple[torch.utils.data.DataLoader, int
     return loader, iters
 
 
+def _resolve_mean_std(args) -> None:
+    """``--mean``/``--std`` -> tuples in ``args`` (ImageNet's, given values, or measured on the data)."""
+    if isinstance(args.mean, tuple) and isinstance(args.std, tuple):
+        return  # resolved already
+    mean = data_mod.parse_mean_std(args.mean, args.in_chans, "mean")
+    std = data_mod.parse_mean_std(args.std, args.in_chans, "std")
+    if "data" in (args.mean, args.std):
+        if not args.data_path or args.synthetic or args.demo:
+            raise ValueError("--mean/--std data needs --data-path (an image folder)")
+        measured = data_mod.measure_mean_std(args.data_path, args.in_chans, seed=args.seed)
+        mean, std = mean or measured[0], std or measured[1]
+    default = data_mod.default_mean_std(args.in_chans)
+    args.mean, args.std = tuple(mean or default[0]), tuple(std or default[1])
+
+
 def build_model_and_optimizer(args, info: DistInfo):
     """The model, wrapped for DDP / FSDP2, AdamW with the authors' groups and the loss scaler.
     Returns ``(model, optimizer, loss_scaler)``; ``distributed.unwrap(model)`` is the bare model."""
     seed_everything(args.seed)  # without the rank: the same initial weights on every rank
     model = models_mae.create_model(args.model, img_size=args.input_size, norm_pix_loss=args.norm_pix_loss,
-                                    backend=args.backend)
+                                    backend=args.backend, in_chans=args.in_chans)
+    if args.compile:
+        model.compile_blocks()  # regional: each Block compiled in place (before DDP/FSDP wrap it)
     # the optimizer takes the parameters FSDP2 has sharded, so it comes after the wrapping
     model = wrap_distributed(model.to(info.device), info, fsdp=args.fsdp)
     groups = optim.param_groups(unwrap(model), args.weight_decay, decay_tokens=args.decay_tokens)
@@ -291,8 +340,11 @@ def train_one_epoch(model, loader, optimizer, loss_scaler: optim.LossScaler, epo
     sched = dict(lr=args.lr, min_lr=args.min_lr, warmup_epochs=args.warmup_epochs, epochs=args.epochs)
     steps = iters // args.accum_iter
     bar = _progress(iters, f"epoch {epoch}/{args.epochs}", info.is_main and not args.no_progress)
-    t0, losses, lr = time.time(), [], args.lr
-    for it, (samples, _) in enumerate(loader):
+    t0, losses, lr, skipped = time.time(), [], args.lr, 0
+    for it, batch in enumerate(loader):
+        samples = batch[0]
+        if len(batch) > 2:
+            skipped += int(batch[2].sum())
         if it >= steps * args.accum_iter:
             break  # the iterations that cannot fill an accumulation (the authors compute and drop them)
         if it % args.accum_iter == 0:
@@ -300,7 +352,9 @@ def train_one_epoch(model, loader, optimizer, loss_scaler: optim.LossScaler, epo
         update = (it + 1) % args.accum_iter == 0
         with no_sync(model, info, update):
             with autocast:
-                loss, _, _ = model(samples.to(info.device, non_blocking=True), mask_ratio=args.mask_ratio)
+                # uint8 from the loader: normalised here, on the device (bit-identical to the host path)
+                x = data_mod.prepare_batch(samples, info.device, args.input_size, args.mean, args.std)
+                loss, _, _ = model(x, mask_ratio=args.mask_ratio)
             loss_value = all_reduce_mean(loss.item(), info)  # every rank sees the same value: all stop together
             if not math.isfinite(loss_value):
                 raise NonFiniteLossError(
@@ -317,14 +371,18 @@ def train_one_epoch(model, loader, optimizer, loss_scaler: optim.LossScaler, epo
         if (it + 1) % args.log_every == 0:
             log.write(kind="iter", epoch=epoch, iter=it + 1, step=epoch * steps + (it + 1) // args.accum_iter,
                       loss=loss_value, lr=lr)
+        if update:  # the authors' TensorBoard scalars, at their x axis (1000 x the fractional epoch)
+            log.scalars(int((it / iters + epoch) * 1000), train_loss=loss_value, lr=lr)
     if bar is not None:
         bar.close()
     seconds, mean = time.time() - t0, sum(losses) / max(len(losses), 1)
     imgs_per_s = len(losses) * args.batch_size * info.world_size / seconds
+    skipped = int(all_reduce_mean(float(skipped), info) * info.world_size + 0.5)
     log.write(kind="epoch", epoch=epoch, train_loss=mean, train_lr=lr, step=(epoch + 1) * steps,
-              imgs_per_s=imgs_per_s, epoch_time=seconds)
-    log.print(f"epoch {epoch}: loss {mean:.4f}  lr {lr:.3g}  {seconds:.1f}s  {imgs_per_s:.0f} img/s")
-    return dict(losses=losses, loss=mean, lr=lr, seconds=seconds)
+              imgs_per_s=imgs_per_s, epoch_time=seconds, skipped_images=skipped)
+    log.print(f"epoch {epoch}: loss {mean:.4f}  lr {lr:.3g}  {seconds:.1f}s  {imgs_per_s:.0f} img/s"
+              + (f"  (unreadable images skipped {skipped} times)" if skipped else ""))
+    return dict(losses=losses, loss=mean, lr=lr, seconds=seconds, skipped=skipped)
 
 
 def save_checkpoint(model, optimizer, loss_scaler: optim.LossScaler, epoch: int, args, info: DistInfo,
@@ -348,9 +406,23 @@ def save_checkpoint(model, optimizer, loss_scaler: optim.LossScaler, epoch: int,
 class _Log:
     """Rank 0's JSON-lines metrics log (each record stamped with the seconds since ``t0``) and printing."""
 
-    def __init__(self, path: str | None, enabled: bool, t0: float):
+    def __init__(self, path: str | None, enabled: bool, t0: float, tensorboard_dir: str | None = None):
         self.enabled, self.t0 = enabled, t0
         self.f = open(path, "a") if (enabled and path) else None
+        self.tb = None
+        if enabled and tensorboard_dir:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # optional extra: pip install 'mae_fast[tensorboard]'
+                SummaryWriter = None
+            if SummaryWriter is not None:
+                os.makedirs(tensorboard_dir, exist_ok=True)
+                self.tb = SummaryWriter(log_dir=tensorboard_dir)
+
+    def scalars(self, step: int, **values) -> None:
+        if self.tb is not None:
+            for key, value in values.items():
+                self.tb.add_scalar(key, value, step)
 
     def write(self, **record) -> None:
         if self.f:
@@ -364,6 +436,8 @@ class _Log:
     def close(self) -> None:
         if self.f:
             self.f.close()
+        if self.tb is not None:
+            self.tb.close()
 
 
 def _progress(total: int, desc: str, enabled: bool):
@@ -419,6 +493,9 @@ def main(args: argparse.Namespace) -> int:
         last = sum(summary["losses"][-k:]) / k
         print(f"done in {summary['seconds']:.0f}s: loss {first:.4f} (mean of the first {k} iterations) -> "
               f"{last:.4f} (last {k}); checkpoints in {summary['output_dir']}")
+        if summary["skipped_images"]:
+            print(f"skipped an unreadable image {summary['skipped_images']} times in all (each file named once in a "
+                  f"warning; --on-bad-image error stops at the first)")
     if args.demo and rank0:
         found = checkpoint_epochs(summary["output_dir"])
         if found:

@@ -145,3 +145,51 @@ def test_truncated_checkpoint_is_one_clear_error_and_auto_passes_it_over(tmp_pat
     (lonely / "checkpoint-3.pth").write_bytes(blob[: len(blob) // 2])
     with pytest.raises(checkpoint.CheckpointError, match="no intact checkpoint beside it"):
         checkpoint.read_checkpoint(str(lonely / "checkpoint-3.pth"))
+
+
+def bad_folder(folder):
+    """6 good demo images and 6 awkward ones: unreadable, truncated, CMYK, grayscale, 16-bit, tiny."""
+    import numpy as np
+    from PIL import Image
+
+    data.save_demo_images(folder, 6, size=48, seed=11)
+    (folder / "x_unreadable.jpg").write_bytes(b"\x00 definitely not an image " * 20)
+    buf = folder / "tmp.jpg"
+    Image.new("RGB", (64, 48), (10, 200, 30)).save(buf, quality=95)
+    blob = buf.read_bytes()
+    buf.unlink()
+    (folder / "x_truncated.jpg").write_bytes(blob[: len(blob) // 2])
+    Image.new("CMYK", (50, 40), (0, 255, 255, 0)).save(folder / "x_cmyk.jpg")
+    Image.new("L", (40, 50), 128).save(folder / "x_gray.png")
+    Image.fromarray(np.full((40, 40), 40000, dtype=np.uint16)).save(folder / "x_16bit.png")
+    Image.new("RGB", (2, 3), (255, 255, 255)).save(folder / "x_tiny.png")
+    return folder
+
+
+def test_awkward_images_train_with_skips_counted_or_stop_clearly(tmp_path, capsys):
+    folder = bad_folder(tmp_path / "imgs")
+    assert data.to_mode(data.open_image(str(folder / "x_16bit.png"))).getpixel((0, 0)) == (156, 156, 156)  # round(40000 / 65535 * 255)
+    assert data.to_mode(data.open_image(str(folder / "x_cmyk.jpg"))).getpixel((0, 0))[0] > 200  # red, not black
+    common = [a for a in TINY if a not in ("--epochs", "3")] + ["--data-path", str(folder), "--epochs", "2"]
+    with pytest.warns(UserWarning, match="skipping unreadable image"):
+        summary = pretrain.train(pretrain.build_parser().parse_args([*common, "--output-dir", str(tmp_path / "run")]))
+    # per epoch: x_truncated (its stand-in, x_unreadable, is unreadable too: 2 skips) and x_unreadable (1)
+    assert summary["skipped_images"] == 6
+    epochs = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "epoch"]
+    assert [r["skipped_images"] for r in epochs] == [3, 3]
+    assert all(torch.isfinite(torch.tensor(summary["losses"])))
+    capsys.readouterr()
+    with pytest.warns(UserWarning):
+        assert pretrain.main(pretrain.build_parser().parse_args([*common, "--output-dir", str(tmp_path / "run2")])) == 0
+    assert "skipped an unreadable image 6 times in all" in capsys.readouterr().out
+    code = pretrain.main(pretrain.build_parser().parse_args([*common, "--output-dir", str(tmp_path / "run3"),
+                                                             "--on-bad-image", "error"]))
+    err = capsys.readouterr().err
+    assert code == 2 and "cannot read image" in err and "x_" in err and "--on-bad-image skip" in err
+
+
+def read_jsonl(path):
+    import json
+
+    with open(path) as f:
+        return [json.loads(line) for line in f]
