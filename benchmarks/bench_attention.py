@@ -1,6 +1,6 @@
 """Benchmark the fused packed-QKV attention against its peers at MAE shapes (CUDA only).
 
-    python benchmarks/bench_attention.py [--json OUT.json] [--batch 256] [--dtype bf16]
+    python benchmarks/bench_attention.py [--json OUT.json] [--batch 256] [--dtype bf16] [--kernels auto,tiled,short]
 
 Every implementation takes the same packed qkv (B, N, 3, H, D) (a view of the qkv Linear's output)
 and must return (B, N, H*D) contiguous, ready for the proj Linear; so the SDPA peers include the
@@ -10,11 +10,18 @@ flash_attn_qkvpacked_func when it is importable. Reports the median time, TFLOP/
 (4*B*H*N*N*D forward, 2.5x that for forward+backward), GB/s (the minimum bytes: qkv read and out
 written, plus dout read and dqkv written in the backward, and out read for delta) and the ratio of
 the best peer's time to ours (> 1: ours is faster).
+
+Ours runs once per kernel family of `--kernels` (rows `mae_fast[tiled]`, `mae_fast[short]`, ...:
+MAE_FAST_ATTENTION_KERNELS set around that implementation's calls, which the extension reads at
+every call), so one run shows the tiled and the short-sequence kernels side by side; `ratios`
+has one entry per family and `kernel_choice` the faster family per (shape, mode).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import platform
 import sys
 import time
@@ -34,6 +41,34 @@ SHAPES = [
     ("vit-h/14 dec", 257, 16, 32),
 ]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+KERNELS_ENV = "MAE_FAST_ATTENTION_KERNELS"
+KERNEL_FAMILIES = ("auto", "tiled", "short")
+DEFAULT_KERNELS = ("tiled", "short")
+
+
+@contextlib.contextmanager
+def kernels_env(family):
+    """MAE_FAST_ATTENTION_KERNELS=family inside (None: leave it as it is)."""
+    if family is None:
+        yield
+        return
+    old = os.environ.get(KERNELS_ENV)
+    os.environ[KERNELS_ENV] = family
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(KERNELS_ENV, None)
+        else:
+            os.environ[KERNELS_ENV] = old
+
+
+def _ours(name):
+    return name == "mae_fast" or name.startswith("mae_fast[")
+
+
+def _family(name):
+    return name[len("mae_fast["):-1] if name.startswith("mae_fast[") else None
 
 
 def _timm_sdpa(backend):
@@ -49,12 +84,12 @@ def _timm_sdpa(backend):
     return fn
 
 
-def implementations():
+def implementations(kernels=DEFAULT_KERNELS):
     from torch.nn.attention import SDPBackend
 
     from mae_fast.ops import attention
 
-    impls = {"mae_fast": lambda qkv: attention(qkv, backend="cuda")}
+    impls = {f"mae_fast[{k}]": (lambda qkv: attention(qkv, backend="cuda")) for k in kernels}
     for name in ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH"):
         if hasattr(SDPBackend, name):
             impls["sdpa_" + name.split("_")[0].lower()] = _timm_sdpa(getattr(SDPBackend, name))
@@ -90,8 +125,8 @@ def bench_ms(fn, grad_to_none=None):
     return sorted(times)[len(times) // 2]
 
 
-def run(batch: int, dtype: torch.dtype) -> dict:
-    impls = implementations()
+def run(batch: int, dtype: torch.dtype, kernels=DEFAULT_KERNELS) -> dict:
+    impls = implementations(kernels)
     elem = torch.finfo(dtype).bits // 8
     rows = []
     for shape_name, N, H, D in SHAPES:
@@ -104,52 +139,64 @@ def run(batch: int, dtype: torch.dtype) -> dict:
         bytes_fwd = 4 * unit  # qkv read + out written
         bytes_fb = bytes_fwd + 9 * unit  # + qkv, out, dout read, dqkv written
         for impl_name, fn in impls.items():
-            try:
-                with torch.no_grad():
-                    out = fn(qkv)
-                torch.cuda.synchronize()
-            except Exception as e:
-                rows.append({"shape": shape_name, "impl": impl_name, "skipped": f"{type(e).__name__}: {e}"[:200]})
-                continue
-            err = None
-            if impl_name == "mae_fast":
-                ref_out = _timm_sdpa_default(qkv)
-                err = (out.float() - ref_out.float()).abs().max().item()
-            x = qkv.detach().clone().requires_grad_(True)
-
-            def fwd():
-                with torch.no_grad():
-                    return fn(qkv)
-
-            def fwd_bwd():
-                fn(x).backward(dout)
-
-            try:
-                ms_fwd = bench_ms(fwd)
-                ms_fb = bench_ms(fwd_bwd, grad_to_none=[x])
-            except Exception as e:
-                rows.append({"shape": shape_name, "impl": impl_name, "skipped": f"{type(e).__name__}: {e}"[:200]})
-                continue
-            for mode, ms, flops, nbytes in (("fwd", ms_fwd, flops_fwd, bytes_fwd),
-                                             ("fwd+bwd", ms_fb, 2.5 * flops_fwd, bytes_fb)):
-                row = {"shape": shape_name, "B": B, "N": N, "H": H, "D": D, "impl": impl_name, "mode": mode,
-                       "ms": ms, "tflops": flops / ms / 1e9, "gbps": nbytes / ms / 1e6}
-                if err is not None:
-                    row["max_abs_err_vs_sdpa"] = err
-                rows.append(row)
-            del x
-            torch.cuda.empty_cache()
-    # Ratio of the best peer's time to ours per (shape, mode).
-    ratios = {}
+            with kernels_env(_family(impl_name)):
+                _bench_impl(rows, shape_name, impl_name, fn, qkv, dout, B, N, H, D, flops_fwd, bytes_fwd, bytes_fb)
+    # Ratio of the best peer's time to ours per (shape, mode), for each of our kernel families.
+    ratios, choice = {}, {}
     for shape_name, *_ in SHAPES:
         for mode in ("fwd", "fwd+bwd"):
-            ours = [r for r in rows if r["shape"] == shape_name and r.get("mode") == mode and r["impl"] == "mae_fast"]
-            peers = [r for r in rows if r["shape"] == shape_name and r.get("mode") == mode and r["impl"] != "mae_fast"]
-            if ours and peers:
-                best = min(peers, key=lambda r: r["ms"])
-                ratios[f"{shape_name} {mode}"] = {"best_peer": best["impl"], "best_peer_ms": best["ms"],
-                                                  "ours_ms": ours[0]["ms"], "ratio": best["ms"] / ours[0]["ms"]}
-    return {"rows": rows, "ratios": ratios}
+            here = [r for r in rows if r["shape"] == shape_name and r.get("mode") == mode]
+            ours = [r for r in here if _ours(r["impl"])]
+            peers = [r for r in here if not _ours(r["impl"])]
+            if ours:
+                choice[f"{shape_name} {mode}"] = min(ours, key=lambda r: r["ms"])["impl"]
+            if not peers:
+                continue
+            best = min(peers, key=lambda r: r["ms"])
+            for r in ours:
+                key = f"{shape_name} {mode}" + (f" {_family(r['impl'])}" if _family(r["impl"]) else "")
+                ratios[key] = {"best_peer": best["impl"], "best_peer_ms": best["ms"], "ours": r["impl"],
+                               "ours_ms": r["ms"], "ratio": best["ms"] / r["ms"]}
+    return {"rows": rows, "ratios": ratios, "kernel_choice": choice}
+
+
+def _bench_impl(rows, shape_name, impl_name, fn, qkv, dout, B, N, H, D, flops_fwd, bytes_fwd, bytes_fb):
+    """Times one implementation at one shape (fwd, fwd+bwd); appends its rows."""
+    try:
+        with torch.no_grad():
+            out = fn(qkv)
+        torch.cuda.synchronize()
+    except Exception as e:
+        rows.append({"shape": shape_name, "impl": impl_name, "skipped": f"{type(e).__name__}: {e}"[:200]})
+        return
+    err = None
+    if _ours(impl_name):
+        ref_out = _timm_sdpa_default(qkv)
+        err = (out.float() - ref_out.float()).abs().max().item()
+    x = qkv.detach().clone().requires_grad_(True)
+
+    def fwd():
+        with torch.no_grad():
+            return fn(qkv)
+
+    def fwd_bwd():
+        fn(x).backward(dout)
+
+    try:
+        ms_fwd = bench_ms(fwd)
+        ms_fb = bench_ms(fwd_bwd, grad_to_none=[x])
+    except Exception as e:
+        rows.append({"shape": shape_name, "impl": impl_name, "skipped": f"{type(e).__name__}: {e}"[:200]})
+        return
+    for mode, ms, flops, nbytes in (("fwd", ms_fwd, flops_fwd, bytes_fwd),
+                                     ("fwd+bwd", ms_fb, 2.5 * flops_fwd, bytes_fb)):
+        row = {"shape": shape_name, "B": B, "N": N, "H": H, "D": D, "impl": impl_name, "mode": mode,
+               "ms": ms, "tflops": flops / ms / 1e9, "gbps": nbytes / ms / 1e6}
+        if err is not None:
+            row["max_abs_err_vs_sdpa"] = err
+        rows.append(row)
+    del x
+    torch.cuda.empty_cache()
 
 
 def _timm_sdpa_default(qkv):
@@ -166,9 +213,13 @@ def print_table(result: dict) -> None:
             continue
         print(f"{r['shape']:<14}{r['mode']:<9}{r['impl']:<22}{r['ms']:>9.4f}{r['tflops']:>9.1f}{r['gbps']:>8.0f}")
     print()
-    print(f"{'shape / mode':<24}{'best peer':<22}{'peer ms':>9}{'ours ms':>9}{'ratio':>7}")
+    print(f"{'shape / mode / ours':<30}{'best peer':<22}{'peer ms':>9}{'ours ms':>9}{'ratio':>7}")
     for key, r in result["ratios"].items():
-        print(f"{key:<24}{r['best_peer']:<22}{r['best_peer_ms']:>9.4f}{r['ours_ms']:>9.4f}{r['ratio']:>7.2f}")
+        print(f"{key:<30}{r['best_peer']:<22}{r['best_peer_ms']:>9.4f}{r['ours_ms']:>9.4f}{r['ratio']:>7.2f}")
+    if result.get("kernel_choice"):
+        print()
+        print("faster kernel family per shape / mode: "
+              + ", ".join(f"{k}: {v}" for k, v in result["kernel_choice"].items()))
 
 
 def main(argv=None) -> int:
@@ -176,7 +227,13 @@ def main(argv=None) -> int:
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    parser.add_argument("--kernels", default=",".join(DEFAULT_KERNELS),
+                        help=f"comma-separated {KERNELS_ENV} values to time ours with, of {', '.join(KERNEL_FAMILIES)}")
     args = parser.parse_args(argv)
+    kernels = tuple(k.strip() for k in args.kernels.split(",") if k.strip())
+    bad = [k for k in kernels if k not in KERNEL_FAMILIES]
+    if bad or not kernels:
+        parser.error(f"--kernels: {bad or 'none'} not in {KERNEL_FAMILIES}")
     if not torch.cuda.is_available():
         print("no CUDA: skipped")
         if args.json:
@@ -196,8 +253,9 @@ def main(argv=None) -> int:
         "dtype": args.dtype,
         "batch": args.batch,
         "extension": info,
+        "kernels": list(kernels),
     }
-    result.update(run(args.batch, DTYPES[args.dtype]))
+    result.update(run(args.batch, DTYPES[args.dtype], kernels))
     print(f"card: {result['card']}, torch {result['torch']}, {args.dtype}, batch {args.batch}")
     print_table(result)
     if args.json:

@@ -1,5 +1,9 @@
 """Small, odd-shaped calls of every kernel, forward and backward, for
-``compute-sanitizer --tool memcheck`` (run by device_check.sh). Exits non-zero on a CUDA error."""
+``compute-sanitizer --tool memcheck`` (run by device_check.sh). Exits non-zero on a CUDA error.
+The attention shapes run with the default kernels and again with MAE_FAST_ATTENTION_KERNELS=short
+(the short-sequence kernels: both instantiations, both dQ variants, and a fallback past N = 272)."""
+import os
+
 import torch
 
 from mae_fast import ops
@@ -13,6 +17,12 @@ def main() -> None:
         for B, N, H, D in ((2, 7, 3, 32), (1, 50, 2, 64), (1, 65, 2, 80), (1, 129, 1, 128)):
             qkv = torch.randn(B, N, 3, H, D, device=dev, dtype=dtype, requires_grad=True)
             ops.attention(qkv, backend="cuda").float().square().sum().backward()
+        os.environ["MAE_FAST_ATTENTION_KERNELS"] = "short"
+        for B, N, H, D in ((2, 7, 3, 32), (1, 50, 2, 64), (1, 65, 2, 80), (1, 80, 1, 128), (1, 129, 2, 32),
+                           (1, 197, 2, 32), (1, 257, 1, 32), (1, 257, 1, 80), (1, 300, 1, 32)):
+            qkv = torch.randn(B, N, 3, H, D, device=dev, dtype=dtype, requires_grad=True)
+            ops.attention(qkv, backend="cuda").float().square().sum().backward()
+        del os.environ["MAE_FAST_ATTENTION_KERNELS"]
         N, C, P, h, w, K, D = 2, 3, 14, 2, 3, 2, 40
         L = h * w
         imgs = torch.randn(N, C, h * P, w * P, device=dev, dtype=dtype, requires_grad=True)

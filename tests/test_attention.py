@@ -316,3 +316,73 @@ def test_gpu_auto_uses_extension_and_compiles(ext, seed):
     ref_out, ref_dqkv = grads_of(attention_reference, qkv.double(), dout.double())
     assert_close(out, ref_out, torch.bfloat16)
     assert_close(dqkv, ref_dqkv, torch.bfloat16)
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU: the short-sequence kernels (csrc/attention/short_kernels.cuh), chosen by the extension's
+# MAE_FAST_ATTENTION_KERNELS=short (read at each call); the same checks as the default kernels.
+# N = 300 is past what they cover (the tiled kernels run), at D >= 64 the backward covers N <= 80.
+
+KERNELS_ENV = "MAE_FAST_ATTENTION_KERNELS"
+SHORT_NS = (1, 7, 50, 65, 196, 197, 257, 300)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("D", HEAD_DIMS)
+@pytest.mark.parametrize("N", SHORT_NS)
+def test_gpu_short_kernels_against_float64(ext, seed, monkeypatch, dtype, D, N):
+    monkeypatch.setenv(KERNELS_ENV, "short")
+    test_gpu_against_float64(ext, seed, dtype, D, N)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("D", HEAD_DIMS)
+@pytest.mark.parametrize("N", (50, 65, 197, 257))
+def test_gpu_short_kernels_deterministic(ext, seed, monkeypatch, D, N):
+    monkeypatch.setenv(KERNELS_ENV, "short")
+    qkv = make_qkv(4, N, 4, D, torch.bfloat16, device="cuda")
+    dout = torch.randn(4, N, 4 * D, device="cuda").to(torch.bfloat16)
+    out1, d1 = grads_of(ext_fn, qkv, dout)
+    out2, d2 = grads_of(ext_fn, qkv, dout)
+    assert torch.equal(out1, out2) and torch.equal(d1, d2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("D", HEAD_DIMS)
+def test_gpu_short_kernels_outputs_fully_written(ext, seed, monkeypatch, D):
+    monkeypatch.setenv(KERNELS_ENV, "short")
+    test_gpu_outputs_fully_written(ext, seed, D)
+
+
+@pytest.mark.gpu
+def test_gpu_short_kernels_strides(ext, seed, monkeypatch):
+    monkeypatch.setenv(KERNELS_ENV, "short")
+    test_gpu_strides(ext, seed)
+    # A strided decoder-shaped view (the dQ variant that recomputes S and dP) against float64.
+    B, N, H, D = 2, 197, 2, 32
+    wide = torch.randn(B, N, 3 * H * D + 32, device="cuda").bfloat16()
+    qkv = wide[..., : 3 * H * D].view(B, N, 3, H, D).requires_grad_(True)
+    dout = torch.randn(B, N, H * D, device="cuda").bfloat16()
+    out, dqkv = grads_of(ext_fn, qkv, dout)
+    ref_out, ref_dqkv = grads_of(attention_reference, qkv.double(), dout.double())
+    assert_close(out, ref_out, torch.bfloat16)
+    assert_close(dqkv, ref_dqkv, torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("N, D, fwd_short, bwd_short", [(65, 80, True, True), (197, 32, True, True),
+                                                        (197, 64, True, False), (300, 32, False, False)])
+def test_gpu_kernel_choice_reaches_the_kernels(ext, seed, monkeypatch, N, D, fwd_short, bwd_short):
+    """The kernels that run (by name, from the profiler) follow MAE_FAST_ATTENTION_KERNELS."""
+    qkv = make_qkv(2, N, 2, D, torch.bfloat16, device="cuda")
+    for choice in ("auto", "tiled", "short"):
+        monkeypatch.setenv(KERNELS_ENV, choice)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            ext_fn(qkv).float().sum().backward()
+            torch.cuda.synchronize()
+        names = " ".join(e.name for e in prof.events())
+        short = choice == "short"
+        assert ("attention_fwd_short_kernel" in names) == (short and fwd_short), (choice, names[:500])
+        assert ("attention_bwd_short_kernel" in names) == (short and bwd_short), (choice, names[:500])
+        assert ("attention_fwd_kernel" in names) == (not (short and fwd_short)), (choice, names[:500])
