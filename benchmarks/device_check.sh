@@ -76,7 +76,7 @@ if [ "$HAS_CUDA" = 1 ]; then
     --variants torch,auto,auto+graphs,encoder_mask_tokens,hf_sdpa --json "$SUITES/bench_model_vit_l.json"
 fi
 step bench_ops 120 $PY benchmarks/bench_ops.py --kernels --json "$SUITES/bench_ops.json"
-step bench_attention 100 $PY benchmarks/bench_attention.py --json "$SUITES/bench_attention.json"
+step bench_attention 150 $PY benchmarks/bench_attention.py --json "$SUITES/bench_attention.json"
 if [ "$HAS_CUDA" = 1 ]; then
   step kernels_vit_l 90 $PY -m mae_fast.cli profile --kernels --model mae_vit_large_patch16 --batch-size 256 \
     --json "$SUITES/bench_kernels_vit_l.json"
