@@ -95,14 +95,15 @@ class TarShards(torch.utils.data.IterableDataset):
     order. ``set_epoch`` (called by the training loop) reseeds the shard order and the buffer."""
 
     def __init__(self, path: str, transform=None, *, on_bad_image: str = "skip", seed: int = 0, rank: int = 0,
-                 world_size: int = 1, shuffle_buffer: int = SHUFFLE_BUFFER, count_skipped: bool = False):
+                 world_size: int = 1, shuffle_buffer: int = SHUFFLE_BUFFER, count_skipped: bool = False,
+                 decoder: str = "auto"):
         self.shards = [(p, n if n is not None else _count(p)) for p, n in _shard_list(path)]
         self.total = sum(n for _, n in self.shards)
         if not self.total:
             raise ValueError(f"the shards under {path!r} hold no images")
         self.transform, self.on_bad_image, self.seed = transform, on_bad_image, seed
         self.rank, self.world_size, self.shuffle_buffer = rank, world_size, shuffle_buffer
-        self.count_skipped, self.epoch = count_skipped, 0
+        self.count_skipped, self.epoch, self.decoder = count_skipped, 0, data_mod.jpeg_decoder(decoder)
 
     def set_distributed(self, rank: int, world_size: int) -> None:
         self.rank, self.world_size = rank, world_size
@@ -162,10 +163,7 @@ class TarShards(torch.utils.data.IterableDataset):
 
     def _decode(self, key: str, payload: bytes):
         try:
-            img = data_mod._pil().open(io.BytesIO(payload))
-            if img.format != "JPEG" or not getattr(self.transform, "draft", False):
-                img.load()
-                img._mae_loaded = True
+            img = data_mod.decode_image(payload, lazy=getattr(self.transform, "draft", False), decoder=self.decoder)
             return self.transform(img) if self.transform is not None else img
         except Exception as err:
             if self.on_bad_image == "error":

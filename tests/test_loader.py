@@ -29,19 +29,19 @@ def jpegs(tmp_path_factory):
 def test_loader_bench_reports_every_stage_and_the_bottleneck(jpegs, tmp_path, capsys):
     parser = loader_bench.add_arguments(argparse.ArgumentParser())
     args = parser.parse_args(["--data", jpegs, "--workers", "0,1", "--images", "8", "--loader-batch-size", "4",
-                              "--loader-batches", "2", "--input-size", "64", "--model", pretrain.DEMO_MODEL,
+                              "--loader-batches", "2", "--rounds", "1", "--input-size", "64", "--model", pretrain.DEMO_MODEL,
                               "--model-batch-size", "2", "--json", str(tmp_path / "r.json")])
     assert loader_bench.main(args) == 0
     out = capsys.readouterr().out
     for title in loader_bench.STAGE_TITLES.values():
         assert title in out
-    assert "exact, host float (the authors)" in out and "workers   1" in out
+    assert "before: exact, pil, host float (the authors)" in out and "workers   1" in out
     assert "bottleneck" in out and "device vs exact" in out and "draft vs exact" in out
     assert os.path.getsize(tmp_path / "r.json") > 100
     sizes = {Image.open(os.path.join(jpegs, f)).size for f in os.listdir(jpegs)}
     assert sizes == {(500, 375), (375, 500)}
     args = parser.parse_args(["--synthetic-jpeg", "4", "--workers", "0", "--images", "4", "--loader-batch-size", "2",
-                              "--loader-batches", "1", "--input-size", "32", "--model", "none", "--decode", "exact"])
+                              "--loader-batches", "1", "--rounds", "1", "--input-size", "32", "--model", "none", "--decode", "exact"])
     assert loader_bench.main(args) == 0
     assert "bottleneck" not in capsys.readouterr().out
 
@@ -65,6 +65,20 @@ def test_uint8_path_is_bit_identical_and_device_path_close(jpegs):
     torch.manual_seed(3)
     data.DeviceAugmentTransform(48)(data.open_image(paths[0]))
     assert torch.equal(after_exact, torch.rand(1))
+
+
+def test_simplejpeg_gives_pils_pixels(jpegs, tmp_path):
+    pytest.importorskip("simplejpeg")
+    from PIL import Image as PILImage
+
+    gray = tmp_path / "gray.jpg"
+    PILImage.new("L", (30, 20), 77).save(gray)
+    paths = data.find_images(jpegs)[0] + [str(gray)]
+    assert loader_bench.pixel_difference(paths, 48, "simplejpeg")["max_abs"] == 0
+    assert data.jpeg_decoder() == "simplejpeg" and data.jpeg_decoder("pil") == "pil"
+    cmyk = tmp_path / "cmyk.jpg"
+    PILImage.new("CMYK", (20, 20), (0, 255, 255, 0)).save(cmyk)
+    assert data.open_image(str(cmyk)).mode == "CMYK"  # simplejpeg cannot: PIL decodes it
 
 
 def test_draft_decodes_large_jpegs_at_a_reduced_scale(tmp_path):
@@ -141,7 +155,7 @@ def test_cli_bench_data_and_shards(tmp_path, capsys):
     from mae_fast import cli
 
     assert cli.main(["bench", "--synthetic-jpeg", "4", "--workers", "0", "--images", "4", "--loader-batch-size", "2",
-                     "--loader-batches", "1", "--img-size", "32", "--model", pretrain.DEMO_MODEL, "--batch-size", "2",
+                     "--loader-batches", "1", "--rounds", "1", "--img-size", "32", "--model", pretrain.DEMO_MODEL, "--batch-size", "2",
                      "--decode", "exact"]) == 0
     out = capsys.readouterr().out
     assert "per stage" in out and "mae_vit_demo_patch8" in out and "bottleneck" in out
