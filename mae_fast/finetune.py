@@ -66,8 +66,10 @@ DEMO_DEFAULTS = {
                      layer_decay=0.75, drop_path=0.1, mixup=0.0, cutmix=0.0, aa="none", reprob=0.0,
                      min_crop_scale=0.5, save_every=8, num_workers=0, output_dir="./mae_demo_finetune",
                      log_every=10),
-    "linprobe": dict(model=DEMO_MODEL, input_size=64, batch_size=64, epochs=10, warmup_epochs=1, blr=0.1,
-                     min_crop_scale=0.5, save_every=10, num_workers=0, output_dir="./mae_demo_linprobe",
+    # LARS moves each weight by about lr x 0.001 of its norm per step: the paper's lr (0.1 x 16384 / 256
+    # = 6.4) over thousands of steps; the demo's 640 steps at batch 64 need blr 16 (lr 4) to converge.
+    "linprobe": dict(model=DEMO_MODEL, input_size=64, batch_size=64, epochs=20, warmup_epochs=1, blr=16.0,
+                     min_crop_scale=1.0, save_every=20, num_workers=0, output_dir="./mae_demo_linprobe",
                      log_every=10),
 }
 DEMO_TRAIN, DEMO_VAL = 2048, 768
