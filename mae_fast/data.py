@@ -68,6 +68,14 @@ def to_tensor(img, channels: int = 3) -> torch.Tensor:
     return to_uint8(img, channels).float().div_(255.0)
 
 
+def to_uint8_hwc(img, channels: int = 3) -> torch.Tensor:
+    """PIL image -> uint8 tensor (H, W, C), PIL's own layout: one copy, no transpose on the host."""
+    arr = np.asarray(to_mode(img, channels))
+    if not arr.flags.writeable:
+        arr = np.array(arr)
+    return torch.from_numpy(arr.reshape(arr.shape[0], arr.shape[1], -1))
+
+
 def to_uint8(img, channels: int = 3) -> torch.Tensor:
     """PIL image -> uint8 tensor (C, H, W): what the fast path sends to the device."""
     arr = np.asarray(to_mode(img, channels), dtype=np.uint8)
@@ -198,7 +206,8 @@ class PretrainTransform:
 class DeviceAugmentTransform(PretrainTransform):
     """The crop + resize + flip moved to the device (``--augment device``): in the worker, decode and
     draw the crop and flip exactly as :class:`PretrainTransform` does (the same torch RNG calls in
-    the same order); return the whole decoded image as uint8 and the draws. :func:`collate_device`
+    the same order); return the whole decoded image as uint8 in PIL's (H, W, C) layout (no
+    transpose on the host) and the draws. :func:`collate_device`
     pads a batch to its largest image; :func:`device_augment` crops, resizes (bicubic, antialiased
     as PIL), flips and normalises the batch where it lands. The CPU then only reads and decodes."""
 
@@ -206,32 +215,33 @@ class DeviceAugmentTransform(PretrainTransform):
         img = to_mode(img, self.channels)
         i, j, h, w = random_resized_crop_params(img.width, img.height, self.scale, self.ratio)
         flip = torch.rand(1).item() < self.hflip
-        return to_uint8(img, self.channels), torch.tensor([i, j, h, w, int(flip)], dtype=torch.int32)
+        return to_uint8_hwc(img, self.channels), torch.tensor([i, j, h, w, int(flip)], dtype=torch.int32)
 
 
 def collate_device(batch):
-    """Collate ``((uint8 image, draws), label[, skipped])`` samples: images zero-padded to the
-    batch's largest, stacked; returns ``((images, draws), labels[, skipped])``."""
+    """Collate ``((uint8 (H, W, C) image, draws), label[, skipped])`` samples: images stacked into
+    the batch's largest size (the margins are left as they are: no crop reads them); returns
+    ``((images (B, H, W, C), draws), labels[, skipped])``."""
     imgs = [b[0][0] for b in batch]
-    hm, wm = max(x.shape[1] for x in imgs), max(x.shape[2] for x in imgs)
-    out = torch.zeros(len(imgs), imgs[0].shape[0], hm, wm, dtype=torch.uint8)
+    hm, wm = max(x.shape[0] for x in imgs), max(x.shape[1] for x in imgs)
+    out = torch.empty(len(imgs), hm, wm, imgs[0].shape[2], dtype=torch.uint8)
     for k, x in enumerate(imgs):
-        out[k, :, :x.shape[1], :x.shape[2]] = x
+        out[k, :x.shape[0], :x.shape[1]] = x
     rest = [torch.tensor([b[i] for b in batch]) for i in range(1, len(batch[0]))]
     return ((out, torch.stack([b[0][1] for b in batch])), *rest)
 
 
 def device_augment(images: torch.Tensor, draws: torch.Tensor, size: int, mean=IMAGENET_DEFAULT_MEAN,
                    std=IMAGENET_DEFAULT_STD) -> torch.Tensor:
-    """(B, C, H, W) uint8 images (on any device) and their (B, 5) crop/flip draws (on the CPU) ->
+    """(B, H, W, C) uint8 images (on any device) and their (B, 5) crop/flip draws (on the CPU) ->
     the normalised (B, C, size, size) float batch: each crop resized with bicubic antialiasing
     (``F.interpolate(..., antialias=True)``, PIL's filter), rounded to uint8 levels as PIL's output
     is, flipped, normalised."""
     import torch.nn.functional as F
 
-    out = torch.empty(images.shape[0], images.shape[1], size, size, device=images.device, dtype=torch.float32)
+    out = torch.empty(images.shape[0], images.shape[3], size, size, device=images.device, dtype=torch.float32)
     for k, (i, j, h, w, flip) in enumerate(draws.tolist()):
-        crop = images[k:k + 1, :, i:i + h, j:j + w].float()
+        crop = images[k, i:i + h, j:j + w].permute(2, 0, 1)[None].float()
         r = F.interpolate(crop, size=(size, size), mode="bicubic", antialias=True, align_corners=False)[0]
         out[k] = r.flip(-1) if flip else r
     return normalize(out.round_().clamp_(0, 255).div_(255.0), mean, std)
@@ -572,5 +582,5 @@ __all__: Sequence[str] = (
     "SyntheticImages", "DemoShapes", "build_dataset", "find_images", "load_image", "make_demo_image",
     "save_demo_images", "normalize", "denormalize", "random_resized_crop_params", "to_tensor", "to_uint8",
     "to_mode", "normalize_batch", "open_image", "draft_factor", "parse_mean_std", "measure_mean_std",
-    "default_mean_std", "decode_image", "jpeg_decoder", "DeviceAugmentTransform", "collate_device", "device_augment", "prepare_batch",
+    "default_mean_std", "to_uint8_hwc", "decode_image", "jpeg_decoder", "DeviceAugmentTransform", "collate_device", "device_augment", "prepare_batch",
 )

@@ -104,7 +104,7 @@ def measure_stages(paths: list[str], transform: data_mod.PretrainTransform, *, b
             if torch.rand(1).item() < transform.hflip:
                 img = img.transpose(Image.FLIP_LEFT_RIGHT)
         t3 = time.perf_counter()
-        x = data_mod.to_uint8(img, transform.channels)
+        x = data_mod.to_uint8_hwc(img, transform.channels) if on_device else data_mod.to_uint8(img, transform.channels)
         if host_float:
             x = data_mod.normalize(x.float().div_(255.0), transform.mean, transform.std)
         t4 = time.perf_counter()
