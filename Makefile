@@ -24,5 +24,5 @@ $(VENV_STAMP): pyproject.toml setup.py
 	test -x .venv/bin/python || python3 -m venv .venv
 	.venv/bin/python -m pip install -q torch==2.13.0 setuptools wheel ninja pybind11
 	# no build isolation: setup.py builds against the torch above (an isolated build env would fetch another)
-	.venv/bin/python -m pip install -q --no-build-isolation -e ".[test,triton,bench,train]"
+	.venv/bin/python -m pip install -q --no-build-isolation -e ".[test,triton,bench,train,fast]"
 	touch $@
