@@ -229,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print the result as JSON instead of the table; with FILE, write it there and print the table")
     p.set_defaults(func=cmd_profile)
 
-    from . import pretrain, reconstruct
+    from . import export, finetune, pretrain, reconstruct
 
     p = sub.add_parser("pretrain", help="MAE pretraining, the authors' recipe (torchrun: DDP / --fsdp); --demo")
     pretrain.add_arguments(p)
@@ -242,6 +242,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("shards", help="write an image folder as webdataset-style tar shards (for --data-path)")
     shards.add_arguments(p)
     p.set_defaults(func=shards.main)
+
+    for mode, text in (("finetune", "fine-tune models_vit from an MAE checkpoint, the authors' recipe; --demo"),
+                       ("linprobe", "linear probe (LARS, BatchNorm head) of a frozen MAE encoder; --demo")):
+        p = sub.add_parser(mode, help=text)
+        finetune.add_arguments(p, mode)
+        p.set_defaults(func=finetune.main)
+
+    p = sub.add_parser("export", help="the encoder as timm VisionTransformer weights and/or a HF ViT folder")
+    export.add_arguments(p)
+    p.set_defaults(func=export.main)
 
     p = sub.add_parser("convert", help="convert a checkpoint (official .pth, state dict) to safetensors")
     p.add_argument("src")
