@@ -96,6 +96,12 @@ else
   STATUS[memcheck]="skipped (no CUDA or no compute-sanitizer here)"
 fi
 
+# the input pipeline on the machine's cores beside the ViT-L step rate (issue 14's goal: >= 3,000 img/s)
+if [ "$HAS_CUDA" = 1 ]; then
+  step loader_vit_l 90 $PY -m mae_fast.cli bench --synthetic-jpeg 1024 --workers 8,16 --rounds 1 \
+    --model mae_vit_large_patch16 --json "$SUITES/bench_loader.json"
+fi
+
 # the regional compile (seconds: one graph per block shape), then the decoder depth / width sweeps in
 # wall-clock (a small batch, 1 warm-up and 3 timed steps per point), then the whole-model compiles (a
 # minute or more each): most telling and cheapest first, each its own step (a timeout loses only itself)
@@ -125,7 +131,7 @@ $PY benchmarks/summarize_results.py "$SUITES" | tee -a "$LOG" "$OUTDIR/summary.m
 say ""
 say "step status:"
 for k in info build ext_load tests_gpu model_vit_l bench_ops bench_attention kernels_vit_l model_vit_b profile_vit_l \
-         model_tiny memcheck regional_vit_b ablation_vit_l ablation_tiny compile_vit_b tests_rest; do
+         model_tiny memcheck loader_vit_l regional_vit_b ablation_vit_l ablation_tiny compile_vit_b tests_rest; do
   [ -n "${STATUS[$k]:-}" ] && say "  $(printf '%-16s' "$k") ${STATUS[$k]}"
 done
 FAILED=0
