@@ -429,7 +429,6 @@ def make_demo_image(rng: np.random.Generator, size: int = 96):
     Structured (edges, smooth regions, repeated textures), so a tiny MAE learns to fill it in
     within minutes on a CPU."""
     Image = _pil()
-    from PIL import ImageDraw
 
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / (size - 1)
     angle = rng.uniform(0, 2 * np.pi)
@@ -448,6 +447,14 @@ def make_demo_image(rng: np.random.Generator, size: int = 96):
         s = ((np.arange(size)[:, None] // cell + np.arange(size)[None, :] // cell) % 2).astype(bool)
         img = np.where(s[..., None], img, 255 - img)
     pil = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), "RGB")
+    draw_shapes(pil, rng, size)
+    return pil
+
+
+def draw_shapes(pil, rng: np.random.Generator, size: int) -> None:
+    """1-4 flat-coloured discs, rectangles or triangles drawn on ``pil`` in place."""
+    from PIL import ImageDraw
+
     draw = ImageDraw.Draw(pil)
     for _ in range(int(rng.integers(1, 5))):
         color = tuple(int(v) for v in rng.integers(0, 256, 3))
@@ -462,7 +469,6 @@ def make_demo_image(rng: np.random.Generator, size: int = 96):
         else:
             pts = [(cx + r * np.cos(a), cy + r * np.sin(a)) for a in rng.uniform(0, 2 * np.pi, 3)]
             draw.polygon(pts, fill=color)
-    return pil
 
 
 class DemoShapes(torch.utils.data.Dataset):
@@ -492,30 +498,6 @@ def save_demo_images(folder: str | os.PathLike, n: int, size: int = 96, seed: in
         make_demo_image(rng, size).save(path)
         paths.append(path)
     return paths
-
-
-def build_dataset(*, data_path: str | None, input_size: int, synthetic: int = 0, demo: int = 0,
-                  on_bad_image: str = "skip", seed: int = 0, mean=IMAGENET_DEFAULT_MEAN,
-                  std=IMAGENET_DEFAULT_STD, channels: int = 3, output: str = "float", draft: bool = False,
-                  count_skipped: bool = False, augment: str = "host", decoder: str = "auto") -> torch.utils.data.Dataset:
-    """The training set: the demo shapes, synthetic images, webdataset-style tar shards
-    (:mod:`mae_fast.shards`: a folder holding ``shards.json``, or a ``.tar``/pattern), or an image
-    folder. See :class:`PretrainTransform` for ``output`` and ``draft``."""
-    kind = DeviceAugmentTransform if augment == "device" else PretrainTransform
-    transform = kind(input_size, mean=mean, std=std, channels=channels, output=output, draft=draft)
-    if demo:
-        return DemoShapes(demo, size=max(96, input_size + input_size // 2), seed=seed, transform=transform)
-    if synthetic:
-        return SyntheticImages(synthetic, input_size, in_chans=channels, seed=seed)
-    if not data_path:
-        raise ValueError("give --data-path FOLDER (images, flat or in class sub-folders), or --synthetic N, or --demo")
-    from . import shards
-
-    if shards.is_shards(data_path):
-        return shards.TarShards(data_path, transform, on_bad_image=on_bad_image, seed=seed,
-                                count_skipped=count_skipped, decoder=decoder)
-    return ImageFolder(data_path, transform, on_bad_image=on_bad_image, lazy=draft, count_skipped=count_skipped,
-                       decoder=decoder)
 
 
 def parse_mean_std(text: str | None, channels: int, what: str) -> tuple[float, ...] | None:
@@ -579,7 +561,7 @@ def load_image(path: str | os.PathLike, size: int) -> torch.Tensor:
 
 __all__: Sequence[str] = (
     "IMAGENET_DEFAULT_MEAN", "IMAGENET_DEFAULT_STD", "PretrainTransform", "EvalTransform", "ImageFolder",
-    "SyntheticImages", "DemoShapes", "build_dataset", "find_images", "load_image", "make_demo_image",
+    "SyntheticImages", "DemoShapes", "find_images", "load_image", "make_demo_image",
     "save_demo_images", "normalize", "denormalize", "random_resized_crop_params", "to_tensor", "to_uint8",
     "to_mode", "normalize_batch", "open_image", "draft_factor", "parse_mean_std", "measure_mean_std",
     "default_mean_std", "to_uint8_hwc", "decode_image", "jpeg_decoder", "DeviceAugmentTransform", "collate_device", "device_augment", "prepare_batch",

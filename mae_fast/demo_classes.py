@@ -15,7 +15,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .data import _pil
+from .data import _pil, draw_shapes
 
 CLASSES = ("plain", "stripes", "checkerboard")
 
@@ -40,24 +40,10 @@ def _background(rng: np.random.Generator, size: int, texture: int) -> np.ndarray
 def make_labelled_image(rng: np.random.Generator, label: int, size: int = 96):
     """One generated RGB image with background texture ``CLASSES[label]`` under 1-4 random shapes."""
     Image = _pil()
-    from PIL import ImageDraw
-
     if label not in range(len(CLASSES)):
         raise ValueError(f"label must be in 0..{len(CLASSES) - 1}, got {label}")
     pil = Image.fromarray(_background(rng, size, label), "RGB")
-    draw = ImageDraw.Draw(pil)
-    for _ in range(int(rng.integers(1, 5))):
-        color = tuple(int(v) for v in rng.integers(0, 256, 3))
-        cx, cy = rng.uniform(0.1, 0.9, 2) * size
-        r = rng.uniform(0.08, 0.3) * size
-        kind = rng.integers(0, 3)
-        if kind == 0:
-            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=color)
-        elif kind == 1:
-            w, h = r * rng.uniform(0.6, 1.6), r * rng.uniform(0.6, 1.6)
-            draw.rectangle([cx - w, cy - h, cx + w, cy + h], fill=color)
-        else:
-            draw.polygon([(cx + r * np.cos(a), cy + r * np.sin(a)) for a in rng.uniform(0, 2 * np.pi, 3)], fill=color)
+    draw_shapes(pil, rng, size)
     return pil
 
 

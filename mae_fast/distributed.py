@@ -69,7 +69,7 @@ def all_reduce_mean(value: float, info: DistInfo) -> float:
 # ---------------------------------------------------------------------------- wrapping
 def wrap_distributed(model: nn.Module, info: DistInfo, *, fsdp: bool) -> nn.Module:
     """FSDP2 (``fully_shard`` on every Block, then on the model) or DDP over the processes; on
-    one process the model itself."""
+    one process the model itself. Works for models_mae and models_vit alike."""
     if fsdp:
         import warnings
 
@@ -81,7 +81,7 @@ def wrap_distributed(model: nn.Module, info: DistInfo, *, fsdp: bool) -> nn.Modu
         # An explicit mesh of our device type: left to itself, FSDP2 picks CUDA whenever it is
         # available (and fails on a 1-GPU machine running CPU ranks).
         mesh = init_device_mesh(info.device.type, (info.world_size,))
-        for blk in (*model.blocks, *model.decoder_blocks):
+        for blk in (*model.blocks, *getattr(model, "decoder_blocks", ())):  # models_vit has no decoder
             fully_shard(blk, mesh=mesh)
         fully_shard(model, mesh=mesh)
         return model

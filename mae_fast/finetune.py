@@ -32,9 +32,9 @@ import torch.nn as nn
 
 from . import data as data_mod
 from . import models_vit, optim, pretrain
-from .checkpoint import check_same_model, checkpoint_epochs, read_checkpoint
+from .checkpoint import checkpoint_epochs
 from .demo_classes import DemoClasses
-from .distributed import (DistInfo, all_reduce_mean, grad_scaler, init_distributed, load_model_state,
+from .distributed import (DistInfo, all_reduce_mean, grad_scaler, init_distributed,
                           load_optimizer_state, no_sync, unwrap, wrap_distributed)
 from .finetune_optim import LARS, param_group_names_lrd
 from .mixup import Mixup, soft_target_cross_entropy
@@ -318,7 +318,7 @@ def build_model_and_optimizer(args, info: DistInfo, num_classes: int, pretrained
     """Returns ``(model, optimizer, loss_scaler, group_names)``; ``unwrap(model)`` is the bare model."""
     model = build_model(args, num_classes, pretrained).to(info.device)
     names = optimizer_groups(args, model)
-    model = _wrap(model, info, args.fsdp)
+    model = wrap_distributed(model, info, fsdp=args.fsdp)
     params = dict(unwrap(model).named_parameters())
     groups = [{**g, "params": [params[n] for n in g["params"]]} for g in names]
     if args.mode == "linprobe":
@@ -329,21 +329,6 @@ def build_model_and_optimizer(args, info: DistInfo, num_classes: int, pretrained
     return model, optimizer, loss_scaler, [g["params"] for g in names]
 
 
-def _wrap(model: nn.Module, info: DistInfo, fsdp: bool) -> nn.Module:
-    """``distributed.wrap_distributed`` for a model without a decoder (it shards
-    ``model.decoder_blocks`` too): FSDP2 per Block then the model, else DDP / the model itself."""
-    if not fsdp:
-        return wrap_distributed(model, info, fsdp=False)
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    mesh = init_device_mesh(info.device.type, (info.world_size,))
-    for blk in model.blocks:
-        fully_shard(blk, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    return model
-
-
 def _flat(groups: list[list[str]]) -> tuple[list[str], list[str]]:
     """The names of every group in the optimizer's order, as ``distributed``'s (a, b) pair wants them."""
     return [n for g in groups for n in g], []
@@ -351,19 +336,7 @@ def _flat(groups: list[list[str]]) -> tuple[list[str], list[str]]:
 
 def resume(args, model, optimizer, loss_scaler, groups: list[list[str]], log) -> int:
     """Load ``--resume`` (a file or ``auto``) into the model, optimizer and scaler; returns the epoch to start at."""
-    path = args.resume
-    if path == "auto":
-        found = checkpoint_epochs(args.output_dir)
-        path = found[-1][1] if found else None
-        if path is None:
-            log.print(f"--resume auto: no checkpoint in {args.output_dir}, starting afresh")
-    if not path:
-        return 0
-    ckpt = read_checkpoint(path)
-    check_same_model(ckpt, unwrap(model), args, path)
-    load_model_state(model, {k.removeprefix("module."): v for k, v in ckpt["model"].items()})
-    start_epoch = int(ckpt["epoch"]) + 1 if "epoch" in ckpt and "optimizer" in ckpt else 0
-    log.print(f"resumed from {path}: next epoch {start_epoch}")
+    ckpt, start_epoch = pretrain.resume_model(args, model, log)
     if start_epoch > 0 and not args.eval:
         theirs = [len(g["params"]) for g in ckpt["optimizer"].get("param_groups", [])]
         if theirs != [len(g) for g in groups]:

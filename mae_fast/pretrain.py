@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from . import data as data_mod
-from . import models_mae, optim, reconstruct
+from . import models_mae, optim, reconstruct, shards
 from .checkpoint import (CheckpointError, atomic_save, check_same_groups, check_same_model, checkpoint_epochs,
                          find_resume_checkpoint, prune_checkpoints, read_checkpoint, training_checkpoint)
 from .distributed import (DistInfo, all_reduce_mean, full_model_state, full_optimizer_state, grad_scaler,
@@ -244,7 +244,7 @@ def build_loader(args, info: DistInfo) -> tuple[torch.utils.data.DataLoader, int
     loader and the iterations per epoch."""
     seed_everything(args.seed)
     _resolve_mean_std(args)
-    dataset = data_mod.build_dataset(data_path=args.data_path, input_size=args.input_size,
+    dataset = build_dataset(data_path=args.data_path, input_size=args.input_size,
                                      synthetic=args.synthetic, demo=args.demo_images if args.demo else 0,
                                      on_bad_image=args.on_bad_image, seed=args.seed, mean=args.mean,
                                      std=args.std, channels=args.in_chans, output="uint8",
@@ -294,6 +294,28 @@ def _resolve_mean_std(args) -> None:
     args.mean, args.std = tuple(mean or default[0]), tuple(std or default[1])
 
 
+def build_dataset(*, data_path: str | None, input_size: int, synthetic: int = 0, demo: int = 0,
+                  on_bad_image: str = "skip", seed: int = 0, mean=data_mod.IMAGENET_DEFAULT_MEAN,
+                  std=data_mod.IMAGENET_DEFAULT_STD, channels: int = 3, output: str = "float", draft: bool = False,
+                  count_skipped: bool = False, augment: str = "host", decoder: str = "auto") -> torch.utils.data.Dataset:
+    """The training set: the demo shapes, synthetic images, webdataset-style tar shards
+    (:mod:`mae_fast.shards`: a folder holding ``shards.json``, or a ``.tar``/pattern), or an image
+    folder. See :class:`mae_fast.data.PretrainTransform` for ``output`` and ``draft``."""
+    kind = data_mod.DeviceAugmentTransform if augment == "device" else data_mod.PretrainTransform
+    transform = kind(input_size, mean=mean, std=std, channels=channels, output=output, draft=draft)
+    if demo:
+        return data_mod.DemoShapes(demo, size=max(96, input_size + input_size // 2), seed=seed, transform=transform)
+    if synthetic:
+        return data_mod.SyntheticImages(synthetic, input_size, in_chans=channels, seed=seed)
+    if not data_path:
+        raise ValueError("give --data-path FOLDER (images, flat or in class sub-folders), or --synthetic N, or --demo")
+    if shards.is_shards(data_path):
+        return shards.TarShards(data_path, transform, on_bad_image=on_bad_image, seed=seed,
+                                count_skipped=count_skipped, decoder=decoder)
+    return data_mod.ImageFolder(data_path, transform, on_bad_image=on_bad_image, lazy=draft, count_skipped=count_skipped,
+                                 decoder=decoder)
+
+
 def build_model_and_optimizer(args, info: DistInfo):
     """The model, wrapped for DDP / FSDP2, AdamW with the authors' groups and the loss scaler.
     Returns ``(model, optimizer, loss_scaler)``; ``distributed.unwrap(model)`` is the bare model."""
@@ -313,24 +335,31 @@ def build_model_and_optimizer(args, info: DistInfo):
 def resume(args, model, optimizer, loss_scaler: optim.LossScaler, groups, log: _Log) -> int:
     """Load ``--resume`` (a file, or ``auto``: the newest checkpoint in ``--output-dir``) into the
     model, the optimizer and the scaler; returns the epoch to start at."""
+    ckpt, start_epoch = resume_model(args, model, log)
+    if start_epoch > 0:
+        check_same_groups(ckpt, groups, args.decay_tokens)
+        load_optimizer_state(model, optimizer, ckpt["optimizer"], groups)
+        loss_scaler.load_state_dict(ckpt.get("scaler"))
+    return start_epoch
+
+
+def resume_model(args, model, log: _Log) -> tuple[dict | None, int]:
+    """The model's part of :func:`resume` (fine-tuning shares it): ``(checkpoint or None, the
+    epoch to start at)``, the weights loaded."""
     path = args.resume
     if path == "auto":
         path = find_resume_checkpoint(args.output_dir, say=log.print)
         if path is None:
             log.print(f"--resume auto: no intact checkpoint in {args.output_dir}, starting afresh")
     if not path:
-        return 0
+        return None, 0
     ckpt = read_checkpoint(path)
     check_same_model(ckpt, unwrap(model), args, path)
     load_model_state(model, {k.removeprefix("module."): v for k, v in ckpt["model"].items()})
     # a file with weights alone (e.g. the authors' mae_visualize_*) starts a fresh run from them
     start_epoch = int(ckpt["epoch"]) + 1 if "epoch" in ckpt and "optimizer" in ckpt else 0
     log.print(f"resumed from {path}: next epoch {start_epoch}")
-    if start_epoch > 0:
-        check_same_groups(ckpt, groups, args.decay_tokens)
-        load_optimizer_state(model, optimizer, ckpt["optimizer"], groups)
-        loss_scaler.load_state_dict(ckpt.get("scaler"))
-    return start_epoch
+    return ckpt, start_epoch
 
 
 def train_one_epoch(model, loader, optimizer, loss_scaler: optim.LossScaler, epoch: int, iters: int,

@@ -8,7 +8,7 @@ import torch
 pytest.importorskip("PIL")
 from PIL import Image  # noqa: E402
 
-from mae_fast import data  # noqa: E402
+from mae_fast import data, pretrain  # noqa: E402
 
 
 def _write(path, size=(40, 30), color=(200, 30, 10)):
@@ -117,5 +117,5 @@ def test_synthetic_and_demo_sets_are_deterministic(tmp_path):
 
 def test_build_dataset_needs_a_source():
     with pytest.raises(ValueError, match="--data-path"):
-        data.build_dataset(data_path=None, input_size=16)
-    assert len(data.build_dataset(data_path=None, input_size=16, synthetic=5)) == 5
+        pretrain.build_dataset(data_path=None, input_size=16)
+    assert len(pretrain.build_dataset(data_path=None, input_size=16, synthetic=5)) == 5
