@@ -24,14 +24,16 @@ def _residual_norm(m):
     for D in (768, 1024, 1280, 512):
         ROWS, BLOCK_D, warps = m._tile(D)
         k = {"ROWS": ROWS, "BLOCK_D": BLOCK_D}
-        yield (f"_add_ln_fwd_kernel D={D}", m._add_ln_fwd_kernel,
-               {"x_ptr": "*fp32", "y_ptr": "*bf16", "bias_ptr": "*fp32", "scale_ptr": "*fp32", "w_ptr": "*fp32", "nb_ptr": "*fp32",
-                "h_ptr": "*fp32", "out_ptr": "*bf16", "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "eps": "fp32"},
-               {**k, "HAS_Y": True, "HAS_BIAS": True, "HAS_SCALE": True}, warps)
-        yield (f"_add_ln_bwd_kernel D={D}", m._add_ln_bwd_kernel,
-               {"dout_ptr": "*bf16", "dh_ptr": "*fp32", "h_ptr": "*fp32", "w_ptr": "*fp32", "mean_ptr": "*fp32",
-                "rstd_ptr": "*fp32", "scale_ptr": "*fp32", "dx_ptr": "*fp32", "dy_ptr": "*bf16", "part_ptr": "*fp32"},
-               {**k, "HAS_DH": True, "HAS_SCALE": True, "WRITE_DY": True}, warps)
+        for scale in (False, True):  # pretraining; fine-tuning with stochastic depth
+            tag = f"D={D}" + (" drop-path" if scale else "")
+            yield (f"_add_ln_fwd_kernel {tag}", m._add_ln_fwd_kernel,
+                   {"x_ptr": "*fp32", "y_ptr": "*bf16", "bias_ptr": "*fp32", "scale_ptr": "*fp32", "w_ptr": "*fp32",
+                    "nb_ptr": "*fp32", "h_ptr": "*fp32", "out_ptr": "*bf16", "mean_ptr": "*fp32", "rstd_ptr": "*fp32",
+                    "eps": "fp32"}, {**k, "HAS_Y": True, "HAS_BIAS": True, "HAS_SCALE": scale}, warps)
+            yield (f"_add_ln_bwd_kernel {tag}", m._add_ln_bwd_kernel,
+                   {"dout_ptr": "*bf16", "dh_ptr": "*fp32", "h_ptr": "*fp32", "w_ptr": "*fp32", "mean_ptr": "*fp32",
+                    "rstd_ptr": "*fp32", "scale_ptr": "*fp32", "dx_ptr": "*fp32", "dy_ptr": "*bf16", "part_ptr": "*fp32"},
+                   {**k, "HAS_DH": True, "HAS_SCALE": scale, "WRITE_DY": True}, warps)
 
 
 def _gelu(m):
@@ -85,14 +87,14 @@ def main(argv=None) -> int:
     from mae_fast.ops._triton import compile_for_cuda
 
     rows = []
-    print(f"{'kernel':34} {'warps':>5} {'regs':>5} {'spill B':>7} {'shared B':>8}")
+    print(f"{'kernel':44} {'warps':>5} {'regs':>5} {'spill B':>7} {'shared B':>8}")
     for op in args.ops:
         mod = importlib.import_module(f"mae_fast.ops.{op}")
         for name, kernel, signature, constexprs, warps in KERNELS[op](mod):
             compiled = compile_for_cuda(kernel, signature, constexprs, num_warps=warps)
             use = resource_usage(compiled.asm["cubin"])
             rows.append({"op": op, "kernel": name, "warps": warps, **use})
-            print(f"{name:34} {warps:5d} {use['regs']:5d} {use['local']:7d} {use['shared']:8d}")
+            print(f"{name:44} {warps:5d} {use['regs']:5d} {use['local']:7d} {use['shared']:8d}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"arch": "sm_90a", "rows": rows}, f, indent=1)
