@@ -168,11 +168,7 @@ def cmd_convert(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mae-fast", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("bench", help="training-step throughput, our backends and peers side by side")
+def _bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", choices=sorted(models_mae.MODELS),
                    help="default: mae_vit_large_patch16 on a GPU, mae_vit_tiny_patch16 on a CPU")
     p.add_argument("--img-size", type=int, default=224)
@@ -199,18 +195,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="depth sweep of --ablate-decoder, at the model's decoder width")
     p.add_argument("--decoder-widths", default=",".join(map(str, profile.DECODER_WIDTHS)),
                    help="width sweep of --ablate-decoder, at the model's decoder depth (multiples of its heads)")
-    from . import loader_bench, shards
+    from . import loader_bench
 
     loader_bench.add_arguments(p, within_bench=True)  # --data / --synthetic-jpeg: the loader, per stage
-    p.set_defaults(func=cmd_bench)
+    return p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("flops", help="analytic FLOPs: encoder vs decoder, with and without mask tokens")
-    p.add_argument("--models", default="mae_vit_base_patch16,mae_vit_large_patch16,mae_vit_huge_patch14")
-    p.add_argument("--mask-ratio", type=float, default=0.75)
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_flops)
 
-    p = sub.add_parser("profile", help="time per stage (forward and backward) beside the FLOPs per stage")
+def _profile_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", choices=sorted(models_mae.MODELS))
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--batch-size", type=int)
@@ -227,9 +218,25 @@ def build_parser() -> argparse.ArgumentParser:
                    "each beside its floor")
     p.add_argument("--json", nargs="?", const="-", metavar="FILE",
                    help="print the result as JSON instead of the table; with FILE, write it there and print the table")
-    p.set_defaults(func=cmd_profile)
+    return p.set_defaults(func=cmd_profile)
 
-    from . import export, finetune, pretrain, reconstruct
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mae-fast", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    _bench_arguments(sub.add_parser("bench", help="training-step throughput, our backends and peers side by side"))
+
+    p = sub.add_parser("flops", help="analytic FLOPs: encoder vs decoder, with and without mask tokens")
+    p.add_argument("--models", default="mae_vit_base_patch16,mae_vit_large_patch16,mae_vit_huge_patch14")
+    p.add_argument("--mask-ratio", type=float, default=0.75)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_flops)
+
+    _profile_arguments(sub.add_parser("profile", help="time per stage (forward and backward) beside the FLOPs "
+                                                       "per stage"))
+
+    from . import export, finetune, pretrain, reconstruct, shards
 
     p = sub.add_parser("pretrain", help="MAE pretraining, the authors' recipe (torchrun: DDP / --fsdp); --demo")
     pretrain.add_arguments(p)
