@@ -23,6 +23,8 @@ def cmd_bench(args) -> int:
         return loader_bench.main(loader_bench.from_bench_args(args))
     device = args.device or _default_device()
     on_gpu = device.startswith("cuda")
+    if args.task == "finetune":
+        return _bench_finetune(args, device, on_gpu)
     cfg = bench.BenchConfig(
         model=args.model or ("mae_vit_large_patch16" if on_gpu else "mae_vit_tiny_patch16"),
         img_size=args.img_size, batch_size=args.batch_size or (256 if on_gpu else 16),
@@ -42,6 +44,23 @@ def cmd_bench(args) -> int:
             json.dump({**result.to_dict(), **({"decoder_ablation": ablation} if ablation else {})}, f, indent=2)
     if args.report:
         _write_report(args, cfg, result, ablation)
+    return 0
+
+
+def _bench_finetune(args, device: str, on_gpu: bool) -> int:
+    from . import bench_finetune as bf
+
+    cfg = bf.FinetuneBenchConfig(
+        model=args.model or ("vit_large_patch16" if on_gpu else "vit_tiny_patch16"), img_size=args.img_size,
+        batch_size=args.batch_size or (256 if on_gpu else 8), dtype=args.dtype or ("bf16" if on_gpu else "fp32"),
+        device=device, warmup=args.warmup if args.warmup is not None else (5 if on_gpu else 2),
+        repeats=args.repeats or (20 if on_gpu else 5), compile_on_cpu=args.compile_on_cpu,
+        variants=tuple(v for v in args.variants.split(",") if v) if args.variants is not None else bf.VARIANTS)
+    result = bf.run(cfg, progress=lambda name: print(f"  measuring {name} ...", file=sys.stderr, flush=True))
+    print(bf.format_table(result))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
     return 0
 
 
@@ -169,8 +188,14 @@ def cmd_convert(args) -> int:
 
 
 def _bench_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", choices=sorted(models_mae.MODELS),
-                   help="default: mae_vit_large_patch16 on a GPU, mae_vit_tiny_patch16 on a CPU")
+    from . import models_vit
+
+    p.add_argument("--task", choices=("pretrain", "finetune"), default="pretrain",
+                   help="the MAE pretraining step (default), or the fine-tuning step of models_vit beside HF's "
+                   "ViTForImageClassification sdpa, same weights (rows: torch, auto, auto+regional, hf_sdpa)")
+    p.add_argument("--model", choices=sorted(models_mae.MODELS) + sorted(models_vit.MODELS),
+                   help="default: mae_vit_large_patch16 on a GPU, mae_vit_tiny_patch16 on a CPU (with --task "
+                   "finetune: vit_large_patch16, vit_tiny_patch16)")
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--batch-size", type=int, help="default: 256 on a GPU, 16 on a CPU")
     p.add_argument("--mask-ratio", type=float, default=0.75)
