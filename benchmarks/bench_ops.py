@@ -49,19 +49,11 @@ def copy_bandwidth(do_bench) -> float:
 
 
 def graphed(fn):
-    """``fn`` captured in a CUDA graph (after warm-up on a side stream, as capture requires):
-    replaying it launches the same kernels with no Python in between."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    # Our own stream context around the capture: if the capture fails, the stream that was
-    # current before is restored even though torch.cuda.graph's exit raised first.
-    with torch.cuda.stream(side), torch.cuda.graph(graph, stream=side):
-        fn()
+    """``fn`` captured in a CUDA graph (``mae_fast.bench.capture_graph``): replaying it launches
+    the same kernels with no Python in between."""
+    from mae_fast.bench import capture_graph
+
+    graph, _ = capture_graph(fn)
     return graph.replay
 
 

@@ -60,19 +60,25 @@ class BenchConfig:
     compile_backend: str = "inductor"  # torch.compile's backend for the compiled rows ("eager": trace only)
 
     def __post_init__(self):
-        if self.model not in models_mae.MODELS:
-            raise ValueError(f"model must be one of {sorted(models_mae.MODELS)}, got {self.model!r}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
-        bad = [v for v in self.variants if v not in VARIANTS]
-        if bad:
-            raise ValueError(f"variants must be among {VARIANTS}, got {bad}")
+        check_config(self, models_mae.MODELS, VARIANTS)
         if self.img_size < 1:
             raise ValueError(f"img_size must be a positive multiple of the patch size, got {self.img_size}")
-        if self.batch_size < 1 or self.warmup < 0 or self.repeats < 1:
-            raise ValueError("batch_size and repeats must be >= 1, warmup >= 0")
-        if self.dtype != "fp32" and not self.device.startswith("cuda"):
-            raise ValueError(f"dtype={self.dtype!r} (autocast) is for CUDA; use fp32 on {self.device}")
+
+
+def check_config(cfg, models: dict, variants: tuple) -> None:
+    """What every benchmark configuration must hold (pretraining's and fine-tuning's): a known
+    model, dtype and variants, positive counts, autocast only on CUDA."""
+    if cfg.model not in models:
+        raise ValueError(f"model must be one of {sorted(models)}, got {cfg.model!r}")
+    if cfg.dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {cfg.dtype!r}")
+    bad = [v for v in cfg.variants if v not in variants]
+    if bad:
+        raise ValueError(f"variants must be among {variants}, got {bad}")
+    if cfg.batch_size < 1 or cfg.warmup < 0 or cfg.repeats < 1:
+        raise ValueError("batch_size and repeats must be >= 1, warmup >= 0")
+    if cfg.dtype != "fp32" and not cfg.device.startswith("cuda"):
+        raise ValueError(f"dtype={cfg.dtype!r} (autocast) is for CUDA; use fp32 on {cfg.device}")
 
 
 @dataclass

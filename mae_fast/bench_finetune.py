@@ -38,17 +38,7 @@ class FinetuneBenchConfig:
     compile_on_cpu: bool = False
 
     def __post_init__(self):
-        if self.model not in models_vit.MODELS:
-            raise ValueError(f"model must be one of {sorted(models_vit.MODELS)}, got {self.model!r}")
-        if self.dtype not in bench.DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(bench.DTYPES)}, got {self.dtype!r}")
-        bad = [v for v in self.variants if v not in VARIANTS]
-        if bad:
-            raise ValueError(f"variants must be among {VARIANTS}, got {bad}")
-        if self.batch_size < 1 or self.repeats < 1 or self.warmup < 0:
-            raise ValueError("batch_size and repeats must be >= 1, warmup >= 0")
-        if self.dtype != "fp32" and not self.device.startswith("cuda"):
-            raise ValueError(f"dtype={self.dtype!r} (autocast) is for CUDA; use fp32 on {self.device}")
+        bench.check_config(self, models_vit.MODELS, VARIANTS)
 
 
 @dataclass

@@ -257,17 +257,18 @@ def prepare_batch(samples, device, size: int, mean=IMAGENET_DEFAULT_MEAN, std=IM
 
 
 class EvalTransform:
-    """Resize the shorter side to ``size`` (bicubic), centre crop, ToTensor, Normalize: for
-    reconstructions of whole images."""
+    """Resize the shorter side to ``resize`` (default ``size``; the authors' fine-tuning evaluation
+    uses 256 for 224), bicubic, centre crop ``size``, ToTensor, Normalize."""
 
-    def __init__(self, size: int):
+    def __init__(self, size: int, resize: int | None = None):
         self.size = size
+        self.resize = resize or size
 
     def __call__(self, img) -> torch.Tensor:
         Image = _pil()
         img = img.convert("RGB")
-        s = self.size / min(img.width, img.height)
-        w, h = max(self.size, round(img.width * s)), max(self.size, round(img.height * s))
+        s = self.resize / min(img.width, img.height)
+        w, h = max(self.resize, round(img.width * s)), max(self.resize, round(img.height * s))
         img = img.resize((w, h), Image.BICUBIC)
         left, top = (w - self.size) // 2, (h - self.size) // 2
         img = img.crop((left, top, left + self.size, top + self.size))

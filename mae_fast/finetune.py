@@ -165,22 +165,10 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
 
 
 # ---------------------------------------------------------------------------- data
-class ClassifyEvalTransform:
-    """The authors' evaluation transform: resize the shorter side to ``size / crop_pct``
+def eval_transform(size: int) -> data_mod.EvalTransform:
+    """The authors' evaluation transform: the shorter side resized to ``size / crop_pct``
     (``crop_pct = 224/256`` up to 224 px, else 1), bicubic, centre crop ``size``, normalise."""
-
-    def __init__(self, size: int):
-        self.size = size
-        self.resize = int(size / (224 / 256)) if size <= 224 else size
-
-    def __call__(self, img):
-        Image = data_mod._pil()
-        img = img.convert("RGB")
-        s = self.resize / min(img.width, img.height)
-        w, h = max(self.resize, round(img.width * s)), max(self.resize, round(img.height * s))
-        img = img.resize((w, h), Image.BICUBIC)
-        left, top = (w - self.size) // 2, (h - self.size) // 2
-        return data_mod.normalize(data_mod.to_tensor(img.crop((left, top, left + self.size, top + self.size))))
+    return data_mod.EvalTransform(size, resize=int(size / (224 / 256)) if size <= 224 else size)
 
 
 def build_train_transform(args) -> tuple[object, list[str]]:
@@ -220,7 +208,7 @@ class _RandomLabels(torch.utils.data.Dataset):
 def build_datasets(args) -> tuple[torch.utils.data.Dataset, torch.utils.data.Dataset, int, list[str]]:
     """``(train, val, num_classes, skipped augmentations)``."""
     transform, skipped = build_train_transform(args)
-    evaluate_t = ClassifyEvalTransform(args.input_size)
+    evaluate_t = eval_transform(args.input_size)
     if args.demo:
         size = max(96, args.input_size + args.input_size // 2)
         n_train, n_val = args.demo_images

@@ -210,7 +210,7 @@ def test_missing_timm_augmentations_are_reported(monkeypatch):
 def test_eval_transform_resizes_by_256_over_224_then_centre_crops():
     from PIL import Image
 
-    t = finetune.ClassifyEvalTransform(224)
+    t = finetune.eval_transform(224)
     assert t.resize == 256
     img = Image.fromarray(np.zeros((300, 400, 3), np.uint8))
     assert t(img).shape == (3, 224, 224)

@@ -63,6 +63,13 @@ def triton_problem(**tensors: torch.Tensor) -> Problem:
     return None
 
 
+def rows_2d(t: torch.Tensor) -> torch.Tensor:
+    """``(..., D)`` -> ``(R, D)`` with column stride 1, as the row kernels read it (a view when
+    the layout allows, else a copy)."""
+    t2 = t.reshape(-1, t.shape[-1])
+    return t2 if t2.stride(1) == 1 or t2.shape[1] == 1 else t2.contiguous()
+
+
 def next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from ._backend import Op
 from ._checks import check_float, check_same_device, check_shape, check_tensor
-from ._triton import HAS_TRITON, next_pow2, reduction_programs, tl, triton, triton_problem
+from ._triton import HAS_TRITON, next_pow2, reduction_programs, rows_2d, tl, triton, triton_problem
 
 _BLOCK_F = 1024  # columns per program: one bias slice
 _TILE_ELEMS = 4096
@@ -96,11 +96,6 @@ if HAS_TRITON:
 
 # ============================================================================ host launchers
 
-def _rows_2d(t: torch.Tensor) -> torch.Tensor:
-    t2 = t.reshape(-1, t.shape[-1])
-    return t2 if t2.stride(1) == 1 or t2.shape[1] == 1 else t2.contiguous()
-
-
 def _tile(F_: int) -> tuple[int, int]:
     """(ROWS, BLOCK_F): a ``[ROWS, BLOCK_F]`` tile of about ``_TILE_ELEMS`` values."""
     block = min(next_pow2(F_), _BLOCK_F)
@@ -108,7 +103,7 @@ def _tile(F_: int) -> tuple[int, int]:
 
 
 def _launch_fwd(x, bias):
-    x2, bias = _rows_2d(x), bias.contiguous()
+    x2, bias = rows_2d(x), bias.contiguous()
     R, F_ = x2.shape
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if out.numel():
@@ -125,7 +120,7 @@ def _programs(R: int, F_: int) -> int:
 
 def _launch_bwd(grad, x, bias):
     """``(dx, partial sums of the bias gradient (programs, F) fp32)``."""
-    g2, x2, bias = _rows_2d(grad), _rows_2d(x), bias.contiguous()
+    g2, x2, bias = rows_2d(grad), rows_2d(x), bias.contiguous()
     R, F_ = x2.shape
     ROWS, BLOCK_F = _tile(F_)
     programs = _programs(R, F_)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from ._backend import Op, autocast_dtype
 from ._checks import check_float, check_same_device, check_shape, check_tensor
-from ._triton import HAS_TRITON, next_pow2, reduction_programs, tl, triton, triton_problem
+from ._triton import HAS_TRITON, next_pow2, reduction_programs, rows_2d, tl, triton, triton_problem
 
 _TILE_ELEMS = 4096  # values per program tile: ROWS rows of next_pow2(D)
 _PROGRAMS_CAP = 1024  # backward programs at most (each loops over row tiles): partials stay small
@@ -204,12 +204,6 @@ if HAS_TRITON:
 
 # ============================================================================ host launchers
 
-def _rows_2d(t: torch.Tensor) -> torch.Tensor:
-    """``(..., D)`` -> ``(R, D)`` with column stride 1 (a view when the layout allows)."""
-    t2 = t.reshape(-1, t.shape[-1])
-    return t2 if t2.stride(1) == 1 or t2.shape[1] == 1 else t2.contiguous()
-
-
 def _tile(D: int) -> tuple[int, int, int]:
     """(ROWS, BLOCK_D, num_warps): about ``_TILE_ELEMS`` values per program, 16 per thread."""
     block = next_pow2(D)
@@ -220,8 +214,8 @@ def _tile(D: int) -> tuple[int, int, int]:
 def _launch_fwd(x, y, bias, weight, norm_bias, eps, h_dtype, out_dtype, scale=None):
     """``(h or None, out, mean, rstd)`` of ``x``'s shape (mean, rstd: ``(R,)`` fp32)."""
     D = x.shape[-1]
-    x2 = _rows_2d(x)
-    y2 = _rows_2d(y) if y is not None else x2
+    x2 = rows_2d(x)
+    y2 = rows_2d(y) if y is not None else x2
     weight, norm_bias = weight.contiguous(), norm_bias.contiguous()  # (D,): the kernel reads them densely
     bias = bias.contiguous() if bias is not None else None
     R = x2.shape[0]
@@ -252,9 +246,9 @@ def _launch_bwd(dout, dh, h, weight, mean, rstd, x_dtype, y_dtype, scale=None):
     """``(dx, dy or None, partial sums (programs, 3, D) fp32)``; ``dy`` only when it differs from
     ``dx`` (another dtype, or a branch scale)."""
     D = h.shape[-1]
-    do2, h2 = _rows_2d(dout), _rows_2d(h)
+    do2, h2 = rows_2d(dout), rows_2d(h)
     weight = weight.contiguous()
-    dh2 = _rows_2d(dh) if dh is not None else do2
+    dh2 = rows_2d(dh) if dh is not None else do2
     R = h2.shape[0]
     ROWS, BLOCK_D, warps = _tile(D)
     n_tiles = triton.cdiv(R, ROWS)
