@@ -207,25 +207,31 @@ class MaskedAutoencoderViT(BlocksMixin, nn.Module):
         return loss, pred, mask
 
 
+def _build(kwargs: dict, **config) -> MaskedAutoencoderViT:
+    """The factory's ``config``, any of it overridden by the caller's ``kwargs`` (a decoder
+    ablation asks ``create_model(name, decoder_depth=4)``); with no override, the authors' call."""
+    return MaskedAutoencoderViT(**{**config, **kwargs})
+
+
 def mae_vit_base_patch16_dec512d8b(**kwargs):
-    return MaskedAutoencoderViT(
+    return _build(kwargs,
         patch_size=16, embed_dim=768, depth=12, num_heads=12,
         decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16,
-        mlp_ratio=4, norm_layer=partial(nn.LayerNorm, eps=1e-6), **kwargs)
+        mlp_ratio=4, norm_layer=partial(nn.LayerNorm, eps=1e-6))
 
 
 def mae_vit_large_patch16_dec512d8b(**kwargs):
-    return MaskedAutoencoderViT(
+    return _build(kwargs,
         patch_size=16, embed_dim=1024, depth=24, num_heads=16,
         decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16,
-        mlp_ratio=4, norm_layer=partial(nn.LayerNorm, eps=1e-6), **kwargs)
+        mlp_ratio=4, norm_layer=partial(nn.LayerNorm, eps=1e-6))
 
 
 def mae_vit_huge_patch14_dec512d8b(**kwargs):
-    return MaskedAutoencoderViT(
+    return _build(kwargs,
         patch_size=14, embed_dim=1280, depth=32, num_heads=16,
         decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16,
-        mlp_ratio=4, norm_layer=partial(nn.LayerNorm, eps=1e-6), **kwargs)
+        mlp_ratio=4, norm_layer=partial(nn.LayerNorm, eps=1e-6))
 
 
 # set recommended archs
@@ -237,19 +243,18 @@ mae_vit_huge_patch14 = mae_vit_huge_patch14_dec512d8b  # decoder: 512 dim, 8 blo
 # Small configurations of ours (not the authors'), for CPUs, tests and the demo.
 def mae_vit_tiny_patch16(**kwargs):
     """ViT-Tiny sized encoder (192 x 12, 3 heads) with a 128 x 4 decoder."""
-    return MaskedAutoencoderViT(
+    return _build(kwargs,
         patch_size=16, embed_dim=192, depth=12, num_heads=3,
         decoder_embed_dim=128, decoder_depth=4, decoder_num_heads=4,
-        mlp_ratio=4, norm_layer=partial(nn.LayerNorm, eps=1e-6), **kwargs)
+        mlp_ratio=4, norm_layer=partial(nn.LayerNorm, eps=1e-6))
 
 
 def mae_vit_demo_patch8(**kwargs):
     """A ~1M-parameter MAE for 64 px images (8 px patches): the CPU demo."""
-    kwargs.setdefault("img_size", 64)
-    return MaskedAutoencoderViT(
-        patch_size=8, embed_dim=128, depth=4, num_heads=4,
+    return _build(kwargs,
+        img_size=64, patch_size=8, embed_dim=128, depth=4, num_heads=4,
         decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=4,
-        mlp_ratio=4, norm_layer=partial(nn.LayerNorm, eps=1e-6), **kwargs)
+        mlp_ratio=4, norm_layer=partial(nn.LayerNorm, eps=1e-6))
 
 
 # The one model registry: the authors' factory names and ours, for every tool that takes --model.

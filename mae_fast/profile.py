@@ -532,17 +532,7 @@ def model_with_decoder(name: str, depth: int, width: int, **kwargs):
     """The registry's model ``name`` with a decoder of ``depth`` blocks, ``width`` wide (its
     decoder heads kept: the authors' 16, at head dim ``width / 16``); everything else as the
     factory builds it. ``kwargs`` are constructor arguments (``img_size``, ``backend``, ...)."""
-    with torch.device("meta"):
-        ref = models_mae.create_model(name, **kwargs)
-    blk = ref.blocks[0]
-    args = {"patch_size": ref.patch_size, "in_chans": ref.in_chans, "embed_dim": ref.cls_token.shape[-1],
-            "depth": len(ref.blocks), "num_heads": blk.attn.num_heads,
-            "decoder_num_heads": ref.decoder_blocks[0].attn.num_heads,
-            "mlp_ratio": blk.mlp.fc1.out_features / blk.mlp.fc1.in_features,
-            "norm_layer": partial(torch.nn.LayerNorm, eps=ref.norm.eps), "norm_pix_loss": ref.norm_pix_loss,
-            "img_size": ref.patch_embed.img_size}
-    return models_mae.MaskedAutoencoderViT(**{**args, **kwargs, "img_size": ref.patch_embed.img_size,
-                                              "decoder_depth": depth, "decoder_embed_dim": width})
+    return models_mae.create_model(name, decoder_depth=depth, decoder_embed_dim=width, **kwargs)
 
 
 def _ablation_point(name, depth, width, *, img_size, batch_size, mask_ratio, device, dtype, warmup, repeats,
