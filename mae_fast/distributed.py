@@ -130,12 +130,28 @@ def _fsdp_no_sync(model):
 
 # ---------------------------------------------------------------------------- full states
 def full_model_state(model: nn.Module) -> dict:
-    """The full (unsharded) model state dict, on every rank."""
+    """The full (unsharded) model state dict: on rank 0 only under FSDP2 (the others get ``{}``)."""
     if is_fsdp(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return unwrap(model).state_dict()
+
+
+def sync_buffers(model: nn.Module, info: DistInfo) -> None:
+    """Under FSDP2, give every rank rank 0's buffers (BatchNorm's running statistics), as DDP
+    does before each forward: each rank updates them from its own batches, so without this the
+    ranks evaluate, and save, different models."""
+    if info.distributed and is_fsdp(model):
+        for b in model.buffers():
+            dist.broadcast(b, src=0)
+
+
+def local_model_state(model: nn.Module) -> dict:
+    """This rank's parameters and buffers on the CPU, FSDP2 shards gathered (a collective: every
+    rank calls it); unlike :func:`full_model_state`, every rank gets its own values."""
+    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu()
+            for k, v in unwrap(model).state_dict().items()}
 
 
 def load_model_state(model: nn.Module, state: dict) -> None:

@@ -34,8 +34,8 @@ from . import data as data_mod
 from . import models_vit, optim, pretrain
 from .checkpoint import checkpoint_epochs
 from .demo_classes import DemoClasses
-from .distributed import (DistInfo, all_reduce_mean, grad_scaler, init_distributed,
-                          load_optimizer_state, no_sync, unwrap, wrap_distributed)
+from .distributed import (DistInfo, all_reduce_mean, grad_scaler, init_distributed, load_optimizer_state,
+                          local_model_state, no_sync, sync_buffers, unwrap, wrap_distributed)
 from .finetune_optim import LARS, param_group_names_lrd
 from .mixup import Mixup, soft_target_cross_entropy
 from .pretrain import AMP_DTYPES, NonFiniteLossError, _batch_sizes, _Log, _progress, _resolve_amp, epoch_seed, \
@@ -144,11 +144,13 @@ def add_arguments(parser: argparse.ArgumentParser, mode: str = "finetune") -> ar
     g.add_argument("--fsdp", action="store_true", help="FSDP2 (fully_shard per Block) instead of DDP")
     g.add_argument("--demo", action="store_true",
                    help="the demo: the encoder of `pretrain --demo` on labelled generated images (the label is "
-                        "the shapes' kind), trained once from the pretrained encoder and once from a random one")
+                        "the background's texture), trained once from the pretrained encoder and once from a "
+                        "random one")
     g.add_argument("--demo-images", type=int, nargs=2, default=(DEMO_TRAIN, DEMO_VAL), metavar=("TRAIN", "VAL"),
                    help=argparse.SUPPRESS)
     g.add_argument("--no-random-baseline", action="store_true",
                    help="with --demo: skip the run from a randomly initialised encoder")
+    g.add_argument("--dump-rank-state", action="store_true", help=argparse.SUPPRESS)  # tests: per-rank weights
     return parser
 
 
@@ -407,6 +409,7 @@ def _all_reduce_sum(values: list[float], info: DistInfo) -> list[float]:
 def evaluate(model, loader, args, info: DistInfo) -> dict:
     """Top-1 / top-5 accuracy (%) and the cross-entropy over the whole validation set (every
     rank's share summed)."""
+    sync_buffers(model, info)
     model.eval()
     correct1 = correct5 = loss_sum = n = 0.0
     for samples, targets in loader:
@@ -474,7 +477,7 @@ def _train(args, info: DistInfo, pretrained: str | None) -> dict:
         ev = evaluate(model, val_loader, args, info)
         best = ev["acc1"] if best is None else max(best, ev["acc1"])
         rec = dict(epoch=epoch, train_loss=stats["loss"], train_lr=stats["lr"], test_acc1=ev["acc1"],
-                   test_acc5=ev["acc5"], test_loss=ev["loss"], imgs_per_s=stats["imgs_per_s"],
+                   test_acc5=ev["acc5"], test_loss=ev["loss"], test_images=ev["n"], imgs_per_s=stats["imgs_per_s"],
                    epoch_time=stats["seconds"])
         history.append(rec)
         log.write(kind="epoch", **rec)
@@ -485,6 +488,8 @@ def _train(args, info: DistInfo, pretrained: str | None) -> dict:
             path = pretrain.save_checkpoint(model, optimizer, loss_scaler, epoch, args, info, _flat(groups))
             if path:
                 saved.append(path)
+    if args.dump_rank_state:
+        torch.save(local_model_state(model), os.path.join(args.output_dir, f"rank{info.rank}_state.pt"))
     log.close()
     last = dict(acc1=history[-1]["test_acc1"], acc5=history[-1]["test_acc5"]) if history else None
     return dict(history=history, last=last, best_acc1=best, seconds=time.time() - t_start, checkpoints=saved,
@@ -525,10 +530,16 @@ def run_demo(args) -> dict:
     out = args.output_dir or DEMO_DEFAULTS[args.mode]["output_dir"]
     runs = {"pretrained": ckpt} | ({} if args.no_random_baseline else {"random": None})
     results = {}
-    for name, source in runs.items():
-        run_args = argparse.Namespace(**{**vars(args), "output_dir": os.path.join(out, name)})
-        print(f"--- {args.mode} --demo: {name} encoder", flush=True)
-        results[name] = train(run_args, pretrained=source)
+    info = init_distributed(args.device)  # once for both runs: a process group is not started twice
+    try:
+        for name, source in runs.items():
+            run_args = argparse.Namespace(**{**vars(args), "output_dir": os.path.join(out, name)})
+            if info.is_main:
+                print(f"--- {args.mode} --demo: {name} encoder", flush=True)
+            results[name] = train(run_args, pretrained=source)
+    finally:
+        if info.initialized_here and dist.is_initialized():
+            dist.destroy_process_group()
     return results
 
 

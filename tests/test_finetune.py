@@ -1,8 +1,11 @@
 """Fine-tuning and the linear probe: the authors' recipes (layer decay, LARS, mixup/cutmix, the
 probe's head), partial fine-tuning, top-1/top-5, checkpoints and resume, a short demo."""
 import argparse
+import json
 import math
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -207,6 +210,29 @@ def test_missing_timm_augmentations_are_reported(monkeypatch):
     assert finetune.build_train_transform(args)[1] == []
 
 
+def test_timm_augmentations_are_built_as_the_authors_build_them(monkeypatch):
+    """With timm importable, the training transform is timm's ``create_transform`` called with the
+    arguments of the authors' ``util/datasets.py`` (a stand-in module records them: timm and
+    torchvision cannot be installed beside our torch)."""
+    import types
+
+    from mae_fast import data as data_mod
+
+    calls = []
+    timm_data = types.ModuleType("timm.data")
+    timm_data.create_transform = lambda **kw: calls.append(kw) or "timm-transform"
+    monkeypatch.setitem(sys.modules, "timm", types.ModuleType("timm"))
+    monkeypatch.setitem(sys.modules, "timm.data", timm_data)
+    args = finetune.resolve_defaults(parse("finetune", *TINY, "--aa", "rand-m7-mstd0.5", "--reprob", 0.3))
+    assert finetune.build_train_transform(args) == ("timm-transform", [])
+    assert calls == [dict(input_size=32, is_training=True, color_jitter=None, auto_augment="rand-m7-mstd0.5",
+                          interpolation="bicubic", re_prob=0.3, re_mode="pixel", re_count=1,
+                          scale=(args.min_crop_scale, 1.0), mean=data_mod.IMAGENET_DEFAULT_MEAN,
+                          std=data_mod.IMAGENET_DEFAULT_STD)]
+    args.aa = "none"  # random erasing alone still goes through timm, without RandAugment
+    assert finetune.build_train_transform(args)[0] == "timm-transform" and calls[-1]["auto_augment"] is None
+
+
 def test_eval_transform_resizes_by_256_over_224_then_centre_crops():
     from PIL import Image
 
@@ -275,3 +301,48 @@ def test_demo_without_a_pretrained_checkpoint_is_a_clear_error(tmp_path, monkeyp
     monkeypatch.setattr(finetune, "DEMO_PRETRAIN_DIR", str(tmp_path / "nothing"))
     assert finetune.main(parse("linprobe", *TINY, "--demo")) == 2
     assert "pretrain --demo" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- distributed
+def _torchrun(*argv, timeout=300):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           "-m", "mae_fast.finetune", *[str(a) for a in argv]]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r
+
+
+def _epochs(out):
+    with open(out / "metrics.jsonl") as f:
+        return [rec for rec in map(json.loads, f) if rec.get("kind") == "epoch"]
+
+
+@pytest.mark.parametrize("mode, extra", [
+    ("finetune", ["--mixup", 0.8, "--cutmix", 1.0, "--aa", "none", "--reprob", 0, "--lr", 1e-3]),  # DDP
+    ("linprobe", ["--fsdp", "--lr", 0.1]),                                                          # FSDP2
+])
+def test_two_gloo_processes_stay_in_sync_and_evaluate_the_whole_val_set(tmp_path, mae_ckpt, mode, extra):
+    """The demo (both of its runs in one process group) on 2 gloo processes. Each rank draws its
+    own drop path and mixup and sees its own share of the data; after 2 epochs both ranks hold
+    the same weights and buffers (the probe's BatchNorm statistics included), the checkpoint is
+    theirs, evaluation counts every validation image once, and the probe trains the head alone."""
+    r = _torchrun(mode, *TINY, "--demo", "--pretrained", mae_ckpt, "--epochs", 2, "--save-every", 2,
+                  "--output-dir", tmp_path, "--dump-rank-state", *extra)
+    assert r.stdout.count(f"--- {mode} --demo: pretrained encoder") == 1 and "randomly initialised" in r.stdout
+    mae = torch.load(mae_ckpt, weights_only=True)["model"]
+    for run in ("pretrained", "random"):
+        out = tmp_path / run
+        s0 = torch.load(out / "rank0_state.pt", weights_only=True)
+        s1 = torch.load(out / "rank1_state.pt", weights_only=True)
+        assert s0.keys() == s1.keys()
+        for k in s0:
+            assert torch.equal(s0[k], s1[k]), f"{run}: the ranks' {k} differ"
+        ckpt = torch.load(out / "checkpoint-1.pth", weights_only=True)
+        assert ckpt["args"]["world_size"] == 2 and ckpt["model"].keys() == s0.keys()
+        for k in s0:
+            assert torch.equal(ckpt["model"][k], s0[k]), f"{run}: the checkpoint's {k} is not the ranks'"
+        assert [e["test_images"] for e in _epochs(out)] == [16, 16]  # --demo-images 32 16
+    s0 = torch.load(tmp_path / "pretrained" / "rank0_state.pt", weights_only=True)
+    same = [torch.equal(s0[k], mae[k]) for k in s0 if k in mae]
+    assert all(same) if mode == "linprobe" else not any(same), "the encoder is frozen iff the probe"
