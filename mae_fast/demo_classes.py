@@ -4,9 +4,10 @@ Each image is drawn as :func:`mae_fast.data.make_demo_image` draws the pretraini
 two-colour gradient, 1-4 flat-coloured discs, rectangles and triangles of random colour, size and
 place), but the background's texture is chosen by the label: 0 plain gradient, 1 stripes, 2
 checkerboard. Colours, periods, angles and the shapes on top vary, so the class is a texture seen
-through occluding shapes. Measured (linear classifier on frozen features of the 12-epoch demo
-MAE vs the same encoder randomly initialised): the texture gave the largest margin of the
-labels tried (the shapes' kind and their number were near chance for both encoders).
+through occluding shapes. A random encoder already separates the textures fairly well (62% of
+`linprobe --demo`), so the margin the pretrained encoder adds is what the demo measures; of the
+labels tried on frozen features the shapes' kind and their number were near chance for both
+encoders, and the stripes' orientation (stripes only, 4 bins) gave 53-62% against 31%.
 """
 from __future__ import annotations
 

@@ -39,6 +39,13 @@ def params_equal(a: dict, b: dict) -> bool:
 
 
 # ---------------------------------------------------------------------------- the recipe
+def test_the_demo_trains_on_normalised_pixels_unless_told_not_to():
+    assert pretrain.resolve_defaults(parse()).norm_pix_loss is False  # the authors' default
+    assert pretrain.resolve_defaults(parse("--norm-pix-loss")).norm_pix_loss is True
+    assert pretrain.resolve_defaults(parse("--demo")).norm_pix_loss is True
+    assert pretrain.resolve_defaults(parse("--demo", "--no-norm-pix-loss")).norm_pix_loss is False
+
+
 def test_lr_schedule_is_the_authors():
     kw = dict(lr=1e-3, min_lr=1e-5, warmup_epochs=4, epochs=20)
     assert optim.lr_at(0, **kw) == 0.0
