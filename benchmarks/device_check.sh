@@ -74,6 +74,12 @@ fi
 if [ "$HAS_CUDA" = 1 ]; then
   step model_vit_l 150 $PY -m mae_fast.cli bench --model mae_vit_large_patch16 --batch-size 256 \
     --variants torch,auto,auto+graphs,encoder_mask_tokens,hf_sdpa --json "$SUITES/bench_model_vit_l.json"
+  # the fine-tuning step (all 197 tokens, no masking) beside HF ViTForImageClassification sdpa: issue 13's goal
+  step finetune_vit_l 150 $PY -m mae_fast.cli bench --task finetune --model vit_large_patch16 --batch-size 256 \
+    --json "$SUITES/bench_finetune_vit_l.json"
+else
+  step finetune_tiny 120 $PY -m mae_fast.cli bench --task finetune --img-size 64 --batch-size 2 --warmup 0 \
+    --repeats 1 --json "$SUITES/bench_finetune_tiny.json"
 fi
 step bench_ops 120 $PY benchmarks/bench_ops.py --kernels --json "$SUITES/bench_ops.json"
 step bench_attention 150 $PY benchmarks/bench_attention.py --json "$SUITES/bench_attention.json"
@@ -130,7 +136,7 @@ $PY benchmarks/summarize_results.py "$SUITES" | tee -a "$LOG" "$OUTDIR/summary.m
 [ -s "$SUITES/results.json" ] && mv "$SUITES/results.json" "$OUTDIR/results.json"
 say ""
 say "step status:"
-for k in info build ext_load tests_gpu model_vit_l bench_ops bench_attention kernels_vit_l model_vit_b profile_vit_l \
+for k in info build ext_load tests_gpu model_vit_l finetune_vit_l finetune_tiny bench_ops bench_attention kernels_vit_l model_vit_b profile_vit_l \
          model_tiny memcheck loader_vit_l regional_vit_b ablation_vit_l ablation_tiny compile_vit_b tests_rest; do
   [ -n "${STATUS[$k]:-}" ] && say "  $(printf '%-16s' "$k") ${STATUS[$k]}"
 done

@@ -22,6 +22,8 @@ def test_device_check_runs_on_cpu(tmp_path):
     assert "memcheck         skipped" in out
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["model_tiny"]["rows"][0]["status"] == "ok"
+    finetune = {r["variant"]: r["status"] for r in results["finetune_tiny"]["rows"]}
+    assert finetune["torch"] == finetune["auto"] == "ok"
     assert "device check summary" in (tmp_path / "summary.md").read_text()
     # what comes back from the GPU machine: at most 8 files, every suite inside the archive
     assert sorted(p.name for p in tmp_path.iterdir()) == ["device_check.log", "results.json", "suites.tar.gz",
