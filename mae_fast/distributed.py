@@ -147,11 +147,12 @@ def sync_buffers(model: nn.Module, info: DistInfo) -> None:
             dist.broadcast(b, src=0)
 
 
-def local_model_state(model: nn.Module) -> dict:
-    """This rank's parameters and buffers on the CPU, FSDP2 shards gathered (a collective: every
-    rank calls it); unlike :func:`full_model_state`, every rank gets its own values."""
-    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu()
-            for k, v in unwrap(model).state_dict().items()}
+def save_rank_state(model: nn.Module, folder: str, info: DistInfo) -> None:
+    """``folder/rank{R}_state.pt``: this rank's own parameters and buffers, FSDP2 shards gathered
+    (a collective: every rank calls it), so tests can compare the ranks (``--dump-rank-state``)."""
+    state = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu()
+             for k, v in unwrap(model).state_dict().items()}
+    torch.save(state, os.path.join(folder, f"rank{info.rank}_state.pt"))
 
 
 def load_model_state(model: nn.Module, state: dict) -> None:

@@ -35,7 +35,7 @@ from . import models_vit, optim, pretrain
 from .checkpoint import checkpoint_epochs
 from .demo_classes import DemoClasses
 from .distributed import (DistInfo, all_reduce_mean, grad_scaler, init_distributed, load_optimizer_state,
-                          local_model_state, no_sync, sync_buffers, unwrap, wrap_distributed)
+                          no_sync, save_rank_state, sync_buffers, unwrap, wrap_distributed)
 from .finetune_optim import LARS, param_group_names_lrd
 from .mixup import Mixup, soft_target_cross_entropy
 from .pretrain import AMP_DTYPES, NonFiniteLossError, _batch_sizes, _Log, _progress, _resolve_amp, epoch_seed, \
@@ -477,8 +477,8 @@ def _train(args, info: DistInfo, pretrained: str | None) -> dict:
         ev = evaluate(model, val_loader, args, info)
         best = ev["acc1"] if best is None else max(best, ev["acc1"])
         rec = dict(epoch=epoch, train_loss=stats["loss"], train_lr=stats["lr"], test_acc1=ev["acc1"],
-                   test_acc5=ev["acc5"], test_loss=ev["loss"], test_images=ev["n"], imgs_per_s=stats["imgs_per_s"],
-                   epoch_time=stats["seconds"])
+                   test_acc5=ev["acc5"], test_loss=ev["loss"], test_images=ev["n"],
+                   imgs_per_s=stats["imgs_per_s"], epoch_time=stats["seconds"])
         history.append(rec)
         log.write(kind="epoch", **rec)
         log.print(f"epoch {epoch}: loss {stats['loss']:.4f}  lr {stats['lr']:.3g}  val top-1 {ev['acc1']:.2f}%  "
@@ -489,7 +489,7 @@ def _train(args, info: DistInfo, pretrained: str | None) -> dict:
             if path:
                 saved.append(path)
     if args.dump_rank_state:
-        torch.save(local_model_state(model), os.path.join(args.output_dir, f"rank{info.rank}_state.pt"))
+        save_rank_state(model, args.output_dir, info)
     log.close()
     last = dict(acc1=history[-1]["test_acc1"], acc5=history[-1]["test_acc5"]) if history else None
     return dict(history=history, last=last, best_acc1=best, seconds=time.time() - t_start, checkpoints=saved,

@@ -35,7 +35,7 @@ from . import models_mae, optim, reconstruct, shards
 from .checkpoint import (CheckpointError, atomic_save, check_same_groups, check_same_model, checkpoint_epochs,
                          find_resume_checkpoint, prune_checkpoints, read_checkpoint, training_checkpoint)
 from .distributed import (DistInfo, all_reduce_mean, full_model_state, full_optimizer_state, grad_scaler,
-                          init_distributed, load_model_state, load_optimizer_state, local_model_state, no_sync,
+                          init_distributed, load_model_state, load_optimizer_state, no_sync, save_rank_state,
                           unwrap, wrap_distributed)
 
 DEMO_MODEL = "mae_vit_demo_patch8"
@@ -236,7 +236,7 @@ def _train(args: argparse.Namespace, info: DistInfo) -> dict:
                 saved.append(path)
                 log.print(f"saved {path}")
     if args.dump_rank_state:
-        torch.save(local_model_state(model), os.path.join(args.output_dir, f"rank{info.rank}_state.pt"))
+        save_rank_state(model, args.output_dir, info)
     log.close()
     return dict(first_loss=losses[0] if losses else None, last_loss=losses[-1] if losses else None,
                 epoch_losses=epoch_losses, epochs=args.epochs, start_epoch=start_epoch,

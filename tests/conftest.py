@@ -3,7 +3,10 @@
 Triton runs on CPU tensors only under its interpreter, which must be switched on before triton is
 first imported: so this file sets it before anything else when no GPU is present.
 """
+import json
 import os
+import subprocess
+import sys
 
 import torch
 
@@ -122,3 +125,18 @@ def seed():
     s = int.from_bytes(os.urandom(4), "little")
     torch.manual_seed(s)
     return s
+
+
+# ---------------------------------------------------------------------------- training runs
+def torchrun(module: str, *argv, nproc: int = 2, timeout: int = 300) -> subprocess.CompletedProcess:
+    """``python -m module argv`` on ``nproc`` gloo processes (torchrun, one thread each)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", module, *[str(a) for a in argv]]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def read_metrics(folder, kind: str | None = None) -> list[dict]:
+    """The records of a run's metrics.jsonl (only those of ``kind``, when given)."""
+    with open(os.path.join(folder, "metrics.jsonl")) as f:
+        return [r for r in map(json.loads, f) if kind is None or r.get("kind") == kind]

@@ -1,10 +1,8 @@
 """Fine-tuning and the linear probe: the authors' recipes (layer decay, LARS, mixup/cutmix, the
 probe's head), partial fine-tuning, top-1/top-5, checkpoints and resume, a short demo."""
 import argparse
-import json
 import math
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -14,6 +12,7 @@ import torch.nn as nn
 
 pytest.importorskip("PIL")
 
+from conftest import read_metrics, torchrun  # noqa: E402
 from mae_fast import finetune, finetune_optim, mixup, models_mae, models_vit  # noqa: E402
 from mae_fast.demo_classes import CLASSES, DemoClasses  # noqa: E402
 
@@ -304,20 +303,6 @@ def test_demo_without_a_pretrained_checkpoint_is_a_clear_error(tmp_path, monkeyp
 
 
 # ---------------------------------------------------------------------------- distributed
-def _torchrun(*argv, timeout=300):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-           "-m", "mae_fast.finetune", *[str(a) for a in argv]]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return r
-
-
-def _epochs(out):
-    with open(out / "metrics.jsonl") as f:
-        return [rec for rec in map(json.loads, f) if rec.get("kind") == "epoch"]
-
-
 @pytest.mark.parametrize("mode, extra", [
     ("finetune", ["--mixup", 0.8, "--cutmix", 1.0, "--aa", "none", "--reprob", 0, "--lr", 1e-3]),  # DDP
     ("linprobe", ["--fsdp", "--lr", 0.1]),                                                          # FSDP2
@@ -327,8 +312,9 @@ def test_two_gloo_processes_stay_in_sync_and_evaluate_the_whole_val_set(tmp_path
     own drop path and mixup and sees its own share of the data; after 2 epochs both ranks hold
     the same weights and buffers (the probe's BatchNorm statistics included), the checkpoint is
     theirs, evaluation counts every validation image once, and the probe trains the head alone."""
-    r = _torchrun(mode, *TINY, "--demo", "--pretrained", mae_ckpt, "--epochs", 2, "--save-every", 2,
-                  "--output-dir", tmp_path, "--dump-rank-state", *extra)
+    r = torchrun("mae_fast.finetune", mode, *TINY, "--demo", "--pretrained", mae_ckpt, "--epochs", 2,
+                 "--save-every", 2, "--output-dir", tmp_path, "--dump-rank-state", *extra)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert r.stdout.count(f"--- {mode} --demo: pretrained encoder") == 1 and "randomly initialised" in r.stdout
     mae = torch.load(mae_ckpt, weights_only=True)["model"]
     for run in ("pretrained", "random"):
@@ -342,7 +328,7 @@ def test_two_gloo_processes_stay_in_sync_and_evaluate_the_whole_val_set(tmp_path
         assert ckpt["args"]["world_size"] == 2 and ckpt["model"].keys() == s0.keys()
         for k in s0:
             assert torch.equal(ckpt["model"][k], s0[k]), f"{run}: the checkpoint's {k} is not the ranks'"
-        assert [e["test_images"] for e in _epochs(out)] == [16, 16]  # --demo-images 32 16
+        assert [e["test_images"] for e in read_metrics(out, "epoch")] == [16, 16]  # --demo-images 32 16
     s0 = torch.load(tmp_path / "pretrained" / "rank0_state.pt", weights_only=True)
     same = [torch.equal(s0[k], mae[k]) for k in s0 if k in mae]
     assert all(same) if mode == "linprobe" else not any(same), "the encoder is frozen iff the probe"

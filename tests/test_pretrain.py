@@ -1,16 +1,14 @@
 """Pretraining: the authors' recipe, checkpoints and resume, bad input, and 2 gloo processes (DDP)."""
 import argparse
-import json
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 pytest.importorskip("PIL")
 
+from conftest import read_metrics, torchrun  # noqa: E402
 from mae_fast import data, models_mae, optim, pretrain  # noqa: E402
 
 # A tiny run: the demo model at 32 px (L = 16 patches), 4-image batches.
@@ -27,11 +25,6 @@ def images(tmp_path_factory):
     folder = tmp_path_factory.mktemp("images")
     data.save_demo_images(folder, 32, size=48, seed=7)
     return str(folder)
-
-
-def read_metrics(folder):
-    with open(os.path.join(folder, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
 
 
 def params_equal(a: dict, b: dict) -> bool:
@@ -231,19 +224,12 @@ def test_demo_path_writes_a_reconstruction(tmp_path):
 
 
 # ---------------------------------------------------------------------------- distributed
-def _torchrun(nproc, *argv, timeout=240):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "mae_fast.pretrain", *[str(a) for a in argv]]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-
-
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory, images):
     """4 epochs on 2 gloo processes (DDP); checkpoints after epochs 1 and 3."""
     out = tmp_path_factory.mktemp("ddp")
-    r = _torchrun(2, *TINY, "--data-path", images, "--output-dir", out, "--epochs", 4, "--lr", 3e-3,
-                  "--save-every", 2, "--dump-rank-state")
+    r = torchrun("mae_fast.pretrain", *TINY, "--data-path", images, "--output-dir", out, "--epochs", 4,
+                 "--lr", 3e-3, "--save-every", 2, "--dump-rank-state")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return out
 
@@ -269,8 +255,8 @@ def test_fsdp2_resumes_a_ddp_checkpoint_and_matches_ddp(tmp_path, images, ddp_ru
     checkpoint, its epochs 2-3 give the DDP run's weights and optimizer state; its checkpoint is
     in the same (unsharded, position-keyed) layout."""
     os.link(ddp_run / "checkpoint-1.pth", tmp_path / "checkpoint-1.pth")
-    r = _torchrun(2, *TINY, "--data-path", images, "--output-dir", tmp_path, "--epochs", 4, "--lr", 3e-3,
-                  "--save-every", 2, "--fsdp", "--resume", "auto")
+    r = torchrun("mae_fast.pretrain", *TINY, "--data-path", images, "--output-dir", tmp_path, "--epochs", 4,
+                 "--lr", 3e-3, "--save-every", 2, "--fsdp", "--resume", "auto")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "FSDP2" in r.stdout and "next epoch 2" in r.stdout
     ours = torch.load(tmp_path / "checkpoint-3.pth", weights_only=True)
