@@ -15,6 +15,36 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+
+def _round_bf16_casts_to_nearest():
+    """The interpreter casts fp32 to bf16 by truncation (triton 3.6 and 3.9), where a GPU rounds
+    to nearest even (``cvt.rn.bf16.f32``), as torch does: every bf16 a kernel wrote here was up to
+    one unit low in magnitude, always the same way, and the bf16 checks failed by chance (3-7% of
+    seeds). So the emulation rounds as the GPU does; tests/test_triton_rounding.py fails if this
+    stops applying."""
+    try:
+        import numpy as np
+        import triton.language as tl
+        from triton.runtime import interpreter
+    except ImportError:
+        return
+    truncating = interpreter.InterpreterBuilder.cast_impl
+
+    def cast_impl(self, src, dst_type):
+        if src.dtype.scalar != tl.float32 or dst_type.scalar != tl.bfloat16:
+            return truncating(self, src, dst_type)
+        bits = np.ascontiguousarray(src.data, dtype=np.float32).view(np.uint32).astype(np.uint64)
+        rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)  # ties to even
+        rounded = np.where(np.isnan(src.data).reshape(rounded.shape), np.uint16(0x7FC0), rounded)
+        data = rounded.reshape(np.shape(src.data)).view(interpreter._get_np_dtype(dst_type.scalar))
+        return interpreter.TensorHandle(data, dst_type.scalar)
+
+    interpreter.InterpreterBuilder.cast_impl = cast_impl
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _round_bf16_casts_to_nearest()
+
 HAS_CUDA = torch.cuda.is_available()
 
 # Tolerances per dtype, stated once: (rtol, atol) for comparing a kernel with its torch reference

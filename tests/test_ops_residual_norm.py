@@ -55,8 +55,9 @@ def check_bias_grad(x, y, w, nb, b, eps, dtype, out_dtype):
     for backend, up in (("triton", lambda t: t), ("torch", lambda t: t.detach().double().requires_grad_())):
         args = [up(t) for t in (x, y, w, nb, b)]
         h, out = ops.add_layer_norm(*args[:4], eps, bias=args[4], out_dtype=out_dtype, backend=backend)
-        torch.manual_seed(1)
-        g_h, g_out = torch.randn(h.shape, device=h.device), torch.randn(out.shape, device=h.device)
+        gen = torch.Generator(h.device).manual_seed(1)  # the same gradients for both, not the global RNG
+        g_h = torch.randn(h.shape, device=h.device, generator=gen)
+        g_out = torch.randn(out.shape, device=h.device, generator=gen)
         grads.append(torch.autograd.grad((h.double() * g_h).sum() + (out.double() * g_out).sum(), args[4])[0])
     from conftest import assert_close_in_norm
 
