@@ -100,18 +100,19 @@ def _upcast(a, dtype):
 
 
 def check_against_reference(op, args, dtype, *, kwargs=None, ref_dtype=torch.float32, out_dtype=None,
-                            grad_out=None, in_norm=()):
+                            grad_out=None, in_norm=(), reference=None):
     """An op's kernels (``backend="triton"``) against its torch reference run on the same values
     upcast to ``ref_dtype``, forward and backward: each output (of dtype ``out_dtype``, default
     ``dtype``; a tuple for an op with several outputs) and the gradient of every input that
     requires grad (of that input's dtype), each within ``dtype``'s tolerances; the gradients of the
     inputs at the positions ``in_norm`` (sums over many rows) in norm. ``grad_out`` is the output's
     gradient (default: a random one in the output's dtype; none for a scalar output). Non-float
-    arguments (ids, bool masks, dtypes) are shared."""
+    arguments (ids, bool masks, dtypes) are shared. ``reference`` replaces the op's torch backend
+    where the upcast would skip a rounding that the op's definition makes in the inputs' dtype."""
     kwargs = kwargs or {}
     outs = _as_tuple(op(*args, **kwargs, backend="triton"))
     ref_args = [_upcast(a, ref_dtype) for a in args]
-    refs = _as_tuple(op(*ref_args, **kwargs, backend="torch"))
+    refs = _as_tuple(reference(*ref_args, **kwargs) if reference else op(*ref_args, **kwargs, backend="torch"))
     dtypes = _as_tuple(out_dtype or dtype)
     dtypes = dtypes * len(outs) if len(dtypes) == 1 else dtypes
     for i, (out, ref, dt) in enumerate(zip(outs, refs, dtypes)):
